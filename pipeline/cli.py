@@ -1,0 +1,111 @@
+"""The `ninebest` command: `index`, `demo`.
+
+User errors (`NinebestError`) become one line on stderr and exit status 2; nothing is written to
+the output folder before the inputs are validated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import IndexConfig, build_index_config, load_spec
+from .errors import NinebestError
+
+DEMO_IMAGES = Path(__file__).resolve().parent / "demo_images"
+DEMO_LAYERS = ("layer1", "layer2", "layer3", "layer4", "fc")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="ninebest", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    idx = sub.add_parser("index", help="index the top-k images of every unit of some layers")
+    add_index_flags(idx)
+    demo = sub.add_parser("demo", help="index the bundled photographs with a small model")
+    demo.add_argument("--out", default="ninebest-demo", help="output folder (default %(default)s)")
+    demo.add_argument("--workers", type=int, default=2, help="CPU actors (default %(default)s)")
+    demo.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    return parser
+
+
+def add_index_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of `index`; every default is None so a --config value is not overridden."""
+    p.add_argument("--config", help="job spec file (YAML or TOML) with keys named like the flags")
+    p.add_argument("--model", help="torchvision:NAME or pkg.module:factory")
+    p.add_argument("--weights", help="state-dict file/URL, or a torchvision weights name (DEFAULT)")
+    p.add_argument("--data", help="image folder, fsspec URL, or manifest (.txt/.parquet of URIs)")
+    p.add_argument("--layers", help="comma-separated dotted module names, e.g. features.10,classifier.4")
+    p.add_argument("--out", help="output folder or fsspec URL")
+    p.add_argument("--k", type=int, help="images kept per unit (default 9)")
+    p.add_argument("--workers", type=int, help="CPU actors when the cluster has no GPU (default 2)")
+    p.add_argument("--batch-size", type=int, help="images per forward pass (default 32)")
+    p.add_argument("--shard-size", type=int, help="images per shard (default 256)")
+    p.add_argument("--resize", type=int, help="shorter side resized to this (default 256)")
+    p.add_argument("--crop", type=int, help="centre crop size (default 224)")
+    p.add_argument("--max-pixels", type=int, help="skip larger images (default 89478485)")
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local instance)")
+    p.add_argument("--max-bad-fraction", type=float, help="fail above this share of bad images")
+    p.add_argument("--decode-threads", type=int, help="decoding threads per actor (default 4)")
+    p.add_argument("--storage-options", help="fsspec storage options as a JSON object")
+
+
+def index_config(args: argparse.Namespace) -> IndexConfig:
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    return build_index_config(load_spec(args.config), flags)
+
+
+def demo_config(args: argparse.Namespace) -> IndexConfig:
+    return IndexConfig(
+        model="torchvision:resnet18",
+        data=str(DEMO_IMAGES),
+        layers=DEMO_LAYERS,
+        out=args.out,
+        workers=args.workers,
+        batch_size=8,
+        shard_size=8,
+        address=args.address,
+    )
+
+
+def run_index(cfg: IndexConfig) -> None:
+    from .run import index  # imports Ray: keep `ninebest --help` fast
+
+    manifest = index(cfg)
+    where = cfg.out.rstrip("/") + "/index"
+    print(f"index: {where}  ({manifest['counts']['index_rows']} rows)")
+    if manifest["counts"]["bad"]:
+        print(f"skipped images: {cfg.out.rstrip('/')}/errors.parquet")
+    print(f'query: python -c "import pandas as pd; print(pd.read_parquet(\'{where}\'))"')
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "index":
+            run_index(index_config(args))
+        elif args.command == "demo":
+            print(
+                "demo: torchvision resnet18, randomly initialised (seed 0; no download needed), "
+                f"on {sum(1 for p in DEMO_IMAGES.rglob('*') if p.is_file())} bundled photographs"
+            )
+            run_index(demo_config(args))
+    except NinebestError as e:
+        print(f"ninebest: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ninebest: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

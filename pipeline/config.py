@@ -1,0 +1,148 @@
+"""Job configuration: one frozen dataclass per command, loaded from a spec file and CLI flags.
+
+A job spec (`--config job.yaml` or `.toml`) uses the flag names as keys (dashes or underscores);
+flags given on the command line override it. The resolved config is written into every run's
+manifest, so a run can be repeated or extended without the user restating it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError, InputNotFoundError, closest
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Geometry and normalisation from image file to model input (timm's PretrainedCfg idea)."""
+
+    resize: int = 256  # shorter side resized to this many pixels (bilinear, antialiased)
+    crop: int = 224  # then a centred square crop of this size
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # per-channel mean on [0, 1] pixels
+    std: tuple[float, float, float] = IMAGENET_STD  # per-channel std on [0, 1] pixels
+    max_pixels: int = 89_478_485  # images with more pixels are skipped (decompression bombs)
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """Everything `ninebest index` needs; written resolved into `OUT/manifest.json`."""
+
+    model: str  # "torchvision:NAME" or "pkg.module:factory"
+    data: str  # folder, fsspec URL, or manifest (.txt / .parquet) of image URIs
+    layers: tuple[str, ...]  # dotted module names whose units are indexed
+    out: str  # output folder or fsspec URL
+    weights: str | None = None  # state-dict file/URL, a torchvision weights name, or None (seeded init)
+    k: int = 9  # images kept per unit
+    workers: int = 2  # CPU actors when the cluster has no GPU (one actor per GPU otherwise)
+    batch_size: int = 32  # images per forward pass
+    shard_size: int = 256  # images per shard (the unit of work, resume and retry)
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    address: str | None = None  # Ray address; None starts a local instance (or uses RAY_ADDRESS)
+    max_bad_fraction: float = 0.01  # fail the run when more than this fraction of images is unreadable
+    storage_options: dict[str, Any] = field(default_factory=dict, compare=False)  # fsspec options
+    decode_threads: int = 4  # decoding threads per actor
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "k", "batch_size", "shard_size", "workers", "decode_threads")
+        if not self.layers:
+            raise ConfigError("no layers given; pass --layers a,b (dotted module names)")
+        if len(set(self.layers)) != len(self.layers):
+            raise ConfigError(f"--layers names a layer twice: {','.join(self.layers)}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ConfigError(
+                f"--max-bad-fraction must be between 0 and 1, got {self.max_bad_fraction}"
+            )
+        pre = self.preprocess
+        if pre.resize < 1 or pre.crop < 1 or pre.crop > pre.resize:
+            raise ConfigError(
+                f"--crop {pre.crop} must be between 1 and --resize {pre.resize}; "
+                "the crop is cut from the resized image"
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        """The config as plain JSON, without storage options (they may hold credentials)."""
+        out = dataclasses.asdict(self)
+        out.pop("storage_options")
+        out["layers"] = list(self.layers)
+        return out
+
+
+def _check_positive(cfg: IndexConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} must be a whole number of at least 1, got {value!r}")
+
+
+PREPROCESS_KEYS = {f.name for f in dataclasses.fields(Preprocess)}
+INDEX_KEYS = {f.name for f in dataclasses.fields(IndexConfig)} - {"preprocess"}
+
+
+def load_spec(path: str | None) -> dict[str, Any]:
+    """Read a YAML or TOML job spec into a dict with underscore keys ({} when path is None)."""
+    if path is None:
+        return {}
+    spec_path = Path(path)
+    if not spec_path.is_file():
+        raise InputNotFoundError(f"job spec {path!r} does not exist; pass an existing --config file")
+    text = spec_path.read_text()
+    try:
+        if spec_path.suffix == ".toml":
+            raw = tomllib.loads(text)
+        elif spec_path.suffix in (".yaml", ".yml", ".json"):
+            raw = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"job spec {path!r} must end in .yaml, .yml, .toml or .json")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"job spec {path!r} is not valid: {str(e).splitlines()[0]}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"job spec {path!r} must be a mapping of flag names to values")
+    return {str(k).replace("-", "_"): v for k, v in raw.items()}
+
+
+def build_index_config(spec: dict[str, Any], flags: dict[str, Any]) -> IndexConfig:
+    """Merge a job spec with CLI flags (flags win; None means 'not given') into an IndexConfig."""
+    merged = {**spec, **{k: v for k, v in flags.items() if v is not None}}
+    unknown = set(merged) - INDEX_KEYS - PREPROCESS_KEYS - {"config"}
+    for key in sorted(unknown):
+        valid = sorted(INDEX_KEYS | PREPROCESS_KEYS)
+        raise ConfigError(f"unknown setting {key!r}; valid settings: {closest(key, valid, n=8)}")
+    for required in ("model", "data", "layers", "out"):
+        if merged.get(required) in (None, "", []):
+            raise ConfigError(f"--{required} is required (on the command line or in --config)")
+    pre = Preprocess(**{k: merged.pop(k) for k in list(merged) if k in PREPROCESS_KEYS})
+    merged.pop("config", None)
+    merged["layers"] = parse_list(merged["layers"])
+    merged["storage_options"] = _storage_options(merged.get("storage_options"))
+    return IndexConfig(preprocess=pre, **merged)
+
+
+def parse_list(value: str | list | tuple) -> tuple[str, ...]:
+    """Parse 'a,b' or a list into a tuple of stripped, non-empty names."""
+    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    return tuple(item.strip() for item in items if item.strip())
+
+
+def _storage_options(value: Any) -> dict[str, Any]:
+    if value in (None, ""):
+        return {}
+    if isinstance(value, dict):
+        return value
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ConfigError("--storage-options must be a JSON object, e.g. '{\"anon\": true}'") from e
+    if not isinstance(parsed, dict):
+        raise ConfigError("--storage-options must be a JSON object, e.g. '{\"anon\": true}'")
+    return parsed

@@ -1,0 +1,60 @@
+"""The commit protocol for per-shard partial results ("workers write fragments, driver commits").
+
+An attempt at shard S writes its tables under `partials/S/<attempt>/`, then publishes
+`partials/S/_COMMIT.json`, one small atomic write that names the attempt, the run fingerprint and
+the shard's counts. Readers only ever follow a commit record, so files of a dead or duplicate
+attempt are never read and no shard is counted twice; a commit of another run is ignored.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import uuid
+from typing import Any
+
+import pyarrow as pa
+
+from .schemas import conform
+from .storage import Store
+
+ROOT = "partials"
+COMMIT = "_COMMIT.json"
+
+
+def new_attempt() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def write(
+    store: Store,
+    shard_key: str,
+    attempt: str,
+    run_fingerprint: str,
+    topk: pa.Table,
+    images: pa.Table,
+    report: dict[str, Any],
+) -> dict[str, Any]:
+    """Write one attempt's tables, then its commit record; return the record."""
+    folder = posixpath.join(ROOT, shard_key, attempt)
+    store.write_parquet(f"{folder}/topk.parquet", conform(topk, "partial"))
+    store.write_parquet(f"{folder}/images.parquet", conform(images, "images"))
+    record = {**report, "shard": shard_key, "attempt": attempt, "run": run_fingerprint}
+    store.write_json(posixpath.join(ROOT, shard_key, COMMIT), record)
+    return record
+
+
+def read_commit(store: Store, shard_key: str, run_fingerprint: str) -> dict[str, Any] | None:
+    """The shard's commit record if it belongs to this run, else None (the shard must be run)."""
+    rel = posixpath.join(ROOT, shard_key, COMMIT)
+    if not store.exists(rel):
+        return None
+    record = store.read_json(rel)
+    if record.get("run") != run_fingerprint or record.get("shard") != shard_key:
+        return None
+    return record
+
+
+def read_table(store: Store, record: dict[str, Any], table: str) -> pa.Table:
+    """Read the committed attempt's `topk` or `images` table."""
+    assert table in ("topk", "images"), table
+    return store.read_parquet(posixpath.join(ROOT, record["shard"], record["attempt"], f"{table}.parquet"))

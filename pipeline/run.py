@@ -1,0 +1,268 @@
+"""`ninebest index` end to end: validate, plan shards, map on Ray actors, reduce, write manifest.
+
+Everything a user can get wrong (model, weights, layers, data, output folder) is checked on the
+driver before anything is written to OUT. Shards already committed by an earlier run with the
+same fingerprint are reused (resume); the rest go to a pool of actors, one per GPU when the
+cluster has GPUs, else `workers` CPU actors. A shard whose actor dies is retried elsewhere.
+The manifest is written last: its presence means the index is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import torch
+
+from . import __version__, partials
+from .config import IndexConfig
+from .data import Shard, data_fingerprint, list_images, plan_shards
+from .errors import ConfigError, DataError, NinebestError, WorkerError
+from .hooks import probe
+from .models import load_model, resolve_layers
+from .progress import Progress
+from .reduce import merge_partials, write_images, write_index
+from .schemas import VERSIONS
+from .storage import Store
+from .worker import ShardIndexer
+
+MAX_ATTEMPTS = 3  # per shard, across actor deaths and unexpected errors
+RUN_FILE = "run.json"
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the driver validated and decided before the map stage."""
+
+    cfg: IndexConfig
+    model_fingerprint: str
+    run_fingerprint: str
+    data_fingerprint: str
+    shapes: dict[str, tuple[int, ...]]  # layer -> (C,) or (C, H, W)
+    shards: list[Shard]
+
+
+def plan(cfg: IndexConfig) -> Plan:
+    """Validate the config against the model and data; nothing is written."""
+    loaded = load_model(cfg.model, cfg.weights, cfg.storage_options)
+    layers = resolve_layers(loaded.module, cfg.layers)
+    shapes = probe(loaded.module, layers, cfg.preprocess.crop)
+    refs = list_images(cfg.data, cfg.storage_options)
+    if not refs:
+        raise DataError(f"--data {cfg.data!r} holds no images (looked for common image extensions)")
+    run_fp = run_fingerprint(cfg, loaded.fingerprint)
+    shards = plan_shards(refs, cfg.shard_size)
+    return Plan(cfg, loaded.fingerprint, run_fp, data_fingerprint(refs), shapes, shards)
+
+
+def run_fingerprint(cfg: IndexConfig, model_fingerprint: str) -> str:
+    """Hash of everything that changes a partial's content: model, weights, layers, k, geometry."""
+    key = {
+        "model": cfg.model,
+        "weights": model_fingerprint,
+        "layers": list(cfg.layers),
+        "k": cfg.k,
+        "preprocess": cfg.to_json()["preprocess"],
+        "data": cfg.data,
+        "schemas": VERSIONS,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def check_out(store: Store, p: Plan) -> None:
+    """Refuse an OUT that holds another run, or files that are not a ninebest run."""
+    if store.exists(RUN_FILE):
+        previous = store.read_json(RUN_FILE)
+        if previous.get("run") == p.run_fingerprint:
+            return
+        old, new = previous.get("config", {}), p.cfg.to_json()
+        differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        what = ", ".join(differ) if differ else "model weights"
+        raise DataError(
+            f"--out {store.url!r} already holds a different run ({what} differ); "
+            "choose a new --out, or delete the old one"
+        )
+    if store.listdir(""):
+        raise DataError(
+            f"--out {store.url!r} is not empty and holds no ninebest run; "
+            "choose a new or empty folder"
+        )
+
+
+def index(cfg: IndexConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """Run the whole index job; return the manifest written to OUT/manifest.json."""
+    started = time.time()
+    progress = progress or Progress()
+    p = plan(cfg)
+    store = Store(cfg.out, cfg.storage_options)
+    check_out(store, p)
+    store.write_json(RUN_FILE, {"run": p.run_fingerprint, "config": cfg.to_json()})
+    records = {s.key: partials.read_commit(store, s.key, p.run_fingerprint) for s in p.shards}
+    todo = [s for s in p.shards if records[s.key] is None]
+    progress.start(len(p.shards), len(p.shards) - len(todo))
+    map_started = time.time()
+    if todo:
+        with ray_session(cfg.address):
+            for record in map_shards(p, todo):
+                records[record["shard"]] = record
+                progress.shard_done(record)
+    map_seconds = time.time() - map_started
+    ordered = [records[s.key] for s in p.shards]
+    reduce_started = time.time()
+    total, bad = write_images(store, ordered)
+    check_bad_fraction(cfg, store, total, bad)
+    index_table = merge_partials(store, ordered, cfg.k)
+    files = write_index(store, index_table, cfg.layers)
+    manifest = _manifest(p, store, ordered, files, index_table.num_rows, total, bad)
+    manifest["timings"] = {
+        "map_seconds": round(map_seconds, 3),
+        "reduce_seconds": round(time.time() - reduce_started, 3),
+        "total_seconds": round(time.time() - started, 3),
+    }
+    store.write_json(MANIFEST, manifest)
+    progress.finish(manifest)
+    return manifest
+
+
+def check_bad_fraction(cfg: IndexConfig, store: Store, total: int, bad: int) -> None:
+    if total and bad / total > cfg.max_bad_fraction:
+        raise DataError(
+            f"{bad} of {total} images ({bad / total:.1%}) could not be read, more than "
+            f"--max-bad-fraction {cfg.max_bad_fraction}; see {store.uri('errors.parquet')}, fix "
+            "or remove them, or raise --max-bad-fraction (finished shards are kept for the rerun)"
+        )
+
+
+def _manifest(p: Plan, store: Store, records, files, rows: int, total: int, bad: int) -> dict:
+    return {
+        "ninebest_version": __version__,
+        "run": p.run_fingerprint,
+        "config": p.cfg.to_json(),
+        "preprocess": p.cfg.to_json()["preprocess"],
+        "model": {"spec": p.cfg.model, "weights": p.cfg.weights, "fingerprint": p.model_fingerprint},
+        "data": {"source": p.cfg.data, "fingerprint": p.data_fingerprint},
+        "layers": {name: list(shape) for name, shape in p.shapes.items()},
+        "schemas": VERSIONS,
+        "counts": {
+            "images": total,
+            "indexed": total - bad,
+            "bad": bad,
+            "shards": len(records),
+            "index_rows": rows,
+        },
+        "outputs": {"index": files, "images": "images.parquet", "errors": "errors.parquet"},
+        "shards": [{"key": r["shard"], "attempt": r["attempt"]} for r in records],
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "ray": ray.__version__,
+            "devices": sorted({r.get("device", "?") for r in records}),
+        },
+    }
+
+
+class ray_session:
+    """Connect to `address`, or start a local loopback instance; shut down only what we started."""
+
+    def __init__(self, address: str | None):
+        self.address = address
+        self.started = False
+
+    def __enter__(self) -> ray_session:
+        if ray.is_initialized():
+            return self
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if self.address is None and not os.environ.get("RAY_ADDRESS"):
+            ray.init(
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                object_store_memory=256 * 1024**2,
+                logging_level=logging.WARNING,
+                runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(_import_paths())}},
+            )
+        else:
+            try:
+                ray.init(address=self.address, logging_level=logging.WARNING)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise ConfigError(
+                    f"cannot connect to the Ray cluster at {self.address or os.environ['RAY_ADDRESS']!r}"
+                    f" ({str(e).splitlines()[0]}); check --address and that the cluster is up"
+                ) from e
+        self.started = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.started:
+            ray.shutdown()
+
+
+def _import_paths() -> list[str]:
+    """The driver's import path, so a local instance's workers import what the driver can."""
+    cwd = os.getcwd()
+    return [cwd] + [p for p in sys.path if p and os.path.isdir(p) and p != cwd]
+
+
+def map_shards(p: Plan, todo: list[Shard]):
+    """Run `todo` on an actor pool; yield each shard's commit record as it finishes."""
+    units = {name: shape[0] for name, shape in p.shapes.items()}
+    actors = _start_actors(p, len(todo))
+    queue = deque((shard, 1) for shard in todo)
+    running: dict[ray.ObjectRef, tuple[Shard, int, Any]] = {}
+
+    def submit(actor) -> None:
+        if queue:
+            shard, attempt = queue.popleft()
+            running[actor.index_shard.remote(shard, units)] = (shard, attempt, actor)
+
+    for actor in actors:
+        submit(actor)
+    while running:
+        [done], _ = ray.wait(list(running), num_returns=1)
+        shard, attempt, actor = running.pop(done)
+        try:
+            yield ray.get(done)
+        except ray.exceptions.RayActorError as e:
+            _retry_or_raise(queue, shard, attempt, e)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, NinebestError):
+                raise e.cause from None
+            _retry_or_raise(queue, shard, attempt, e)
+        submit(actor)
+    for actor in actors:
+        ray.kill(actor)
+
+
+def _retry_or_raise(queue: deque, shard: Shard, attempt: int, error: Exception) -> None:
+    init_failed = getattr(error, "actor_init_failed", False)
+    if init_failed or attempt >= MAX_ATTEMPTS:
+        detail = str(error).strip().splitlines()[-1][:300]
+        why = "a worker failed to start" if init_failed else f"shard {shard.key} failed {attempt} times"
+        raise WorkerError(f"{why}: {detail}") from error
+    queue.appendleft((shard, attempt + 1))
+
+
+def _start_actors(p: Plan, shards: int) -> list:
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+    if gpus >= 1:
+        count = min(gpus, shards)
+        options = {"num_gpus": 1, "num_cpus": max(1, min(p.cfg.decode_threads, cpus // count))}
+    else:
+        count = min(p.cfg.workers, shards)
+        options = {"num_cpus": max(1, cpus // count)}
+    actor_cls = ray.remote(ShardIndexer).options(max_restarts=MAX_ATTEMPTS, **options)
+    threads = options["num_cpus"]
+    return [
+        actor_cls.remote(p.cfg, p.run_fingerprint, p.model_fingerprint, threads)
+        for _ in range(count)
+    ]

@@ -1,0 +1,169 @@
+"""The map stage: one worker holds the model on its device and turns shards into partials.
+
+`ShardIndexer` is a plain class so tests can run it without Ray; the orchestrator wraps it in a
+Ray actor. For each shard: read and decode images on a thread pool (bounded, ordered prefetch so
+I/O overlaps compute), batch them as uint8, copy to the device, normalise there, run the forward
+pass under inference mode with `Capture` hooks, and fold each layer's spatial maxima into a
+`RunningTopK` on the device. State is O(units x k) per layer, whatever the shard size.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import torch
+
+from . import partials
+from .config import IndexConfig
+from .data import ImageRef, Shard
+from .errors import ConfigError
+from .hooks import Capture
+from .models import load_model, resolve_layers
+from .preprocess import BadImage, decode, normalize, to_uint8
+from .storage import Store
+from .topk import RunningTopK
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """One image after reading and decoding: a tensor, or the reason it was skipped."""
+
+    position: int  # index within the shard (image_id order)
+    ref: ImageRef
+    pixels: torch.Tensor | None  # (3, crop, crop) uint8
+    image_hash: str | None = None
+    nbytes: int | None = None
+    height: int | None = None
+    width: int | None = None
+    error: str | None = None
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class ShardIndexer:
+    """Loads the model once; `index_shard` turns one shard into a committed partial."""
+
+    def __init__(self, cfg: IndexConfig, run_fingerprint: str, model_fingerprint: str, threads=None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.cfg = cfg
+        self.run_fingerprint = run_fingerprint
+        self.device = pick_device()
+        loaded = load_model(cfg.model, cfg.weights, cfg.storage_options)
+        if loaded.fingerprint != model_fingerprint:
+            raise ConfigError(
+                f"a worker loaded different weights for {cfg.model} than the driver "
+                f"({loaded.fingerprint[:12]} vs {model_fingerprint[:12]}); make --weights the "
+                "same file for every node (a shared path or URL)"
+            )
+        self.model = loaded.module.to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.layers = resolve_layers(self.model, cfg.layers)
+        self.store = Store(cfg.out, cfg.storage_options)
+
+    def index_shard(self, shard: Shard, units: dict[str, int]) -> dict[str, Any]:
+        """Index one shard and commit its partial; return the commit record."""
+        start = time.perf_counter()
+        topks = {name: RunningTopK(units[name], self.cfg.k, self.device) for name in self.layers}
+        loaded: list[Loaded] = []
+        with torch.inference_mode(), Capture(self.model, self.layers) as capture:
+            for batch in _batched(self._load_all(shard.refs), self.cfg.batch_size, loaded):
+                positions = torch.tensor([item.position for item in batch])  # (B,)
+                pixels = torch.stack([item.pixels for item in batch])  # (B, 3, crop, crop) uint8
+                x = self._to_device(pixels)  # (B, 3, crop, crop) float32
+                maxima = capture.run(x)
+                positions = positions.to(self.device, non_blocking=True)  # (B,)
+                for name, m in maxima.items():
+                    topks[name].add(m.values, positions, m.ys, m.xs)
+        ids = [ref.image_id for ref in shard.refs]
+        hashes = [None] * len(ids)
+        for item in loaded:
+            hashes[item.position] = item.image_hash
+        topk_table = pa.concat_tables([t.table(n, ids, hashes) for n, t in topks.items()])
+        report = {
+            "images": len(shard.refs),
+            "indexed": sum(item.error is None for item in loaded),
+            "bad": sum(item.error is not None for item in loaded),
+            "rows": topk_table.num_rows,
+            "seconds": round(time.perf_counter() - start, 3),
+            "device": str(self.device),
+        }
+        attempt = partials.new_attempt()
+        return partials.write(
+            self.store, shard.key, attempt, self.run_fingerprint, topk_table,
+            _images_table(loaded), report,
+        )  # fmt: skip
+
+    def _to_device(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        return normalize(pixels, self.cfg.preprocess)  # (B, 3, crop, crop)
+
+    def _load_all(self, refs: tuple[ImageRef, ...]) -> Iterator[Loaded]:
+        window = 2 * self.cfg.batch_size
+        return _prefetch(self._load_one, enumerate(refs), self.cfg.decode_threads, window)
+
+    def _load_one(self, item: tuple[int, ImageRef]) -> Loaded:
+        position, ref = item
+        try:
+            with fsspec.open(ref.uri, "rb", **self.cfg.storage_options) as f:
+                data = f.read()
+            decoded = decode(data, self.cfg.preprocess.max_pixels)
+        except (BadImage, OSError) as e:  # OSError: vanished or unreadable file
+            return Loaded(position, ref, None, error=str(e) or type(e).__name__)
+        pixels = to_uint8(decoded.image, self.cfg.preprocess)
+        height, width = decoded.image.height, decoded.image.width
+        return Loaded(position, ref, pixels, decoded.image_hash, decoded.nbytes, height, width)
+
+
+def _prefetch(fn: Callable, items: Iterable, threads: int, window: int) -> Iterator:
+    """Map `fn` over `items` on a thread pool, in order, with at most `window` in flight."""
+    items = iter(items)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        pending = deque(pool.submit(fn, item) for item in itertools.islice(items, window))
+        while pending:
+            result = pending.popleft().result()
+            for item in itertools.islice(items, 1):
+                pending.append(pool.submit(fn, item))
+            yield result
+
+
+def _batched(stream: Iterator[Loaded], size: int, seen: list[Loaded]) -> Iterator[list[Loaded]]:
+    """Group decodable images into batches of `size`; every item, bad or good, goes to `seen`."""
+    batch: list[Loaded] = []
+    for item in stream:
+        seen.append(item)
+        if item.error is not None:
+            continue
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _images_table(loaded: list[Loaded]) -> pa.Table:
+    return pa.table(
+        {
+            "image_id": [item.ref.image_id for item in loaded],
+            "uri": [item.ref.uri for item in loaded],
+            "image_hash": [item.image_hash for item in loaded],
+            "bytes": pa.array([item.nbytes for item in loaded], pa.int64()),
+            "height": pa.array([item.height for item in loaded], pa.int32()),
+            "width": pa.array([item.width for item in loaded], pa.int32()),
+            "error": pa.array([item.error for item in loaded], pa.string()),
+        }
+    )
