@@ -100,14 +100,16 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, training in flags:
             if module.training != training:  # skips nn.Module.__setattr__ for unchanged ones
-                pass
+                module.training = training
 
 
 def _find_layer(model: nn.Module, layer: str) -> nn.Module:
     """The submodule named `layer` (dotted name, as in `model.named_modules()`)."""
     modules = {name: module for name, module in model.named_modules() if name}
     if layer not in modules:
-        raise ConfigError(f"unknown layer {layer!r}; closest valid names: {closest(layer, modules)}")
+        raise ConfigError(
+            f"unknown layer {layer!r}; closest valid names: {closest(layer, modules)}"
+        )
     return modules[layer]
 
 
@@ -147,7 +149,7 @@ def _check_range(name: str, index: Tensor, size: int, layer: str, shape: tuple) 
     if bool(bad.any()):
         raise ConfigError(
             f"{name} must be in [0, {size - 1}] for layer {layer!r} with output shape {shape}; "
-            f"got {index[bad].tolist()}"
+            f"got {index[bad][:5].tolist()}"
         )
 
 
@@ -177,17 +179,18 @@ def project(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Deconvnet projection of activation (units[b], ys[b], xs[b]) of `layer` for each image b.
 
-    images: (B, C, H, W) preprocessed model input; units, ys, xs: (B,) integer. For a layer with
-    (B, C) output ys and xs must be 0. `layer` is the output of the named module's first call in
-    the forward (indexing rejects modules called several times, like ResNet's shared `relu`). Returns projections (B, C, H, W) in input space, and with
-    `return_activations` also the recomputed activations (B,). Samples are independent: the model
-    runs in eval mode.
+    images: (B, C, H, W) preprocessed model input; units, ys, xs: (B,) integer, (y, x) in the
+    layer's output grid; ys and xs must be 0 for a layer whose output is (B, K). The layer's
+    output is that of the module's first call (indexing rejects modules called more than once,
+    like ResNet's shared `relu`); the forward stops there. Returns projections (B, C, H, W) in
+    input space, and with `return_activations` also the recomputed activations (B,), which are
+    the seeds. Samples are independent: the model runs in eval mode.
     """
     module = _find_layer(model, layer)
     _check_inputs(images, units, ys, xs)
-    with _eval_mode(model), torch.enable_grad():
-        pixels = images.detach().requires_grad_(True)  # (B, C, H, W)
-        # The clone keeps in-place ops of the model off the caller's images.
+    with _eval_mode(model), torch.inference_mode(False), torch.enable_grad():
+        pixels = images.clone().requires_grad_(True)  # (B, C, H, W) also from inference mode
+        # A second copy as input: in-place ops of the model must not hit the leaf.
         output = _forward_to(model, module, layer, pixels.clone())  # (B, K, h, w) or (B, K)
         activations = _select(output, layer, units, ys, xs)  # (B,)
         seed = activations.detach()  # (B,) the paper keeps the activation's own value

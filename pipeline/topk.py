@@ -90,7 +90,8 @@ def merge(tables: list[pa.Table], k: int) -> pa.Table:
     table = table.sort_by(SORT_KEYS)
     table = table.filter(pa.array(_first_of_image(table)))
     rank = _rank_in_group(table)
-    table = table.set_column(table.schema.get_field_index("rank"), "rank", pa.array(rank, pa.int16()))
+    column = table.schema.get_field_index("rank")
+    table = table.set_column(column, table.schema.field(column), pa.array(rank, pa.int16()))
     return table.filter(pc.less_equal(table["rank"], k))
 
 

@@ -1,0 +1,387 @@
+"""Receptive fields of ConvNet layers, computed analytically from the traced module graph.
+
+`receptive_field(model, layer, input_size)` traces `model` with torch.fx (in eval mode), runs the
+graph once on a zero image to learn every tensor's shape, and walks it from the input to `layer`,
+composing per axis the kernel, stride, padding and dilation of every convolution and pooling.
+Branches that meet (residual additions, Inception concatenations) take the union of their paths.
+
+Coordinate convention: model-input pixels, per axis; y is the row axis, x the column axis.
+
+* Unit i of the layer has the unclipped span ``[i*stride - padding, i*stride - padding + size)``.
+* ``box(y, x)`` is ``(top, left, bottom, right)``, half-open (rows ``top <= r < bottom``, columns
+  ``left <= c < right``) and clipped to the image ``[0, H) x [0, W)``. It is exact: the bounding
+  box of the pixels some path of the network connects to the unit. Inside the image it equals the
+  clipped span; at the border it may be smaller, where the span reaches pixels only through an
+  intermediate layer's zero padding. A unit that sees nothing but padding has an empty box
+  (``top == bottom`` or ``left == right``).
+* Layers without spatial dims (a Linear layer, anything after flatten or a mean over H and W) have
+  one unit, y = x = 0, whose box holds every pixel the flattened map saw: the whole input
+  ``(0, 0, H, W)`` for any usual network. They report ``size = stride = input_size`` and
+  ``padding = (0, 0)``, i.e. one tile covering the image, and ``output_size = (1, 1)``.
+
+Policies: a module called several times (ResNet blocks reuse one ReLU) is described by its last
+call, as a forward hook keeping the latest output would see it. Normalisation layers count as
+pointwise. A 1x1 or flattened input broadcast over a map (a squeeze-and-excitation gate) carries
+global context and does not widen the field. Adaptive pooling with unequal bins (e.g. VGG's 5x6 to
+7x7 at a 160x192 input) has no single size/stride/padding: spatial layers at or after it raise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .errors import ConfigError, DataError, closest
+
+Span = tuple[int, int]  # [start, end) in input pixels along one axis; empty when start >= end
+EMPTY: Span = (0, 0)
+# Ops we do not follow spatially; met with a changed or unchanged shape they make the field unknown.
+SPATIAL_NAMES = re.compile(r"conv|pool|pad|interpolate|upsampl|unfold|fold|roll|grid|pixel", re.I)
+# Ops that may merge the spatial dims away (flatten, means over H and W): the field becomes global.
+GLOBAL_NAMES = {
+    "flatten",
+    "Flatten",
+    "view",
+    "reshape",
+    "mean",
+    "sum",
+    "amax",
+    "amin",
+    "max",
+    "min",
+}
+# Positional parameter names of the functional windows we follow.
+SIGNATURES = {
+    F.conv2d: ("input", "weight", "bias", "stride", "padding", "dilation"),
+    F.max_pool2d: ("input", "kernel_size", "stride", "padding", "dilation"),
+    F.avg_pool2d: ("input", "kernel_size", "stride", "padding"),
+}
+ADAPTIVE_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+ADAPTIVE_FUNCTIONS = (F.adaptive_avg_pool2d, F.adaptive_max_pool2d)
+
+
+@dataclass(frozen=True)
+class ReceptiveField:
+    """Where each unit of `layer` looks in the model input; conventions in the module docstring."""
+
+    layer: str  # dotted module name
+    size: tuple[int, int]  # (h, w) unclipped span of one unit, in input pixels
+    stride: tuple[int, int]  # (h, w) input pixels between neighbouring units
+    padding: tuple[int, int]  # (h, w) offset: unit i starts at i * stride - padding
+    input_size: tuple[int, int]  # (H, W) model input this field was computed for
+    output_size: tuple[int, int]  # (h, w) the layer's map; (1, 1) without spatial dims
+    spans: tuple[tuple[Span, ...], tuple[Span, ...]] = field(
+        repr=False
+    )  # exact, per axis, per unit
+
+    def box(self, y: int, x: int) -> tuple[int, int, int, int]:
+        """Half-open (top, left, bottom, right) input-pixel box of unit (y, x), clipped to the image."""
+        (h, w), (height, width) = self.output_size, self.input_size
+        if not (0 <= y < h and 0 <= x < w):
+            raise DataError(
+                f"unit (y={y}, x={x}) is outside layer {self.layer!r}'s {h}x{w} map at input "
+                f"{height}x{width}; valid: 0 <= y < {h}, 0 <= x < {w}"
+            )
+        (top, bottom), (left, right) = self.spans[0][y], self.spans[1][x]
+        return top, left, bottom, right
+
+
+def receptive_field(
+    model: nn.Module, layer: str, input_size: tuple[int, int] = (224, 224)
+) -> ReceptiveField:
+    """Receptive field of every unit of `layer` for an (H, W) = `input_size` model input."""
+    size = _pair(input_size)
+    with _eval_mode(model), torch.no_grad():
+        graph, outputs = _trace(model)
+        if layer not in outputs:
+            raise ConfigError(
+                f"{type(model).__name__} has no layer {layer!r}; closest valid names: "
+                f"{closest(layer, outputs)}"
+            )
+        fields = _walk(model, graph, size)
+    found = fields.get(outputs[layer])
+    if found is None or found.axes is None or None in (found.axes[0].affine, found.axes[1].affine):
+        why = found.why if found is not None else "its output does not depend on the input"
+        raise ConfigError(f"no receptive field for layer {layer!r} at input {size}: {why}")
+    y, x = found.axes
+    return ReceptiveField(
+        layer=layer,
+        size=(y.affine[0], x.affine[0]),
+        stride=(y.affine[1], x.affine[1]),
+        padding=(y.affine[2], x.affine[2]),
+        input_size=size,
+        output_size=(len(y.spans), len(x.spans)),
+        spans=(y.spans, x.spans),
+    )
+
+
+@dataclass(frozen=True)
+class _Axis:
+    """One spatial axis of a traced tensor: the exact span of each index, and its affine form."""
+
+    spans: tuple[Span, ...]  # per index along this axis
+    affine: tuple[int, int, int] | None  # (size, stride, padding); None: not affine, see _Field.why
+
+
+@dataclass(frozen=True)
+class _Field:
+    """What one traced tensor sees of the model input."""
+
+    dims: tuple[int, int] | None  # negative positions of its (H, W) dims; None: no spatial dims
+    axes: tuple[_Axis, _Axis] | None  # (y, x); None: unknown, an op we cannot follow
+    why: str = ""  # why axes or an affine form is missing
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        return len(self.axes[0].spans), len(self.axes[1].spans)
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer that remembers the node each module call returned (the last call wins)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outputs: dict[str, fx.Node] = {}  # dotted module name -> output node
+
+    def call_module(self, m, forward, args, kwargs):
+        out = super().call_module(m, forward, args, kwargs)
+        if isinstance(out, fx.Proxy):
+            self.outputs[self.path_of_module(m)] = out.node
+        return out
+
+
+def _trace(model: nn.Module) -> tuple[fx.Graph, dict[str, fx.Node]]:
+    """The model's fx graph and the output node of every called module."""
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:  # tracing runs arbitrary user code; any failure means "not traceable"
+        raise ConfigError(
+            f"cannot trace {type(model).__name__} with torch.fx ({e}); receptive fields need a "
+            "forward without data-dependent control flow"
+        ) from e
+    return graph, tracer.outputs
+
+
+class _Walk(fx.Interpreter):
+    """Runs the graph once, deriving each tensor's field from its inputs' fields and shapes."""
+
+    def __init__(self, module: fx.GraphModule, input_size: tuple[int, int]) -> None:
+        super().__init__(module)
+        self.input_size = input_size  # (H, W)
+        self.fields: dict[fx.Node, _Field] = {}
+
+    def run_node(self, n: fx.Node):
+        value = super().run_node(n)
+        out = _first_tensor(value)
+        inputs = [self.fields[a] for a in n.all_input_nodes if a in self.fields]
+        if n.op == "placeholder":
+            self.fields[n] = _Field((-2, -1), tuple(_identity(s) for s in self.input_size))
+        elif inputs and out is not None:
+            op = self.fetch_attr(n.target) if n.op == "call_module" else n.target
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            self.fields[n] = self._derive(n, op, inputs, args, kwargs, out)
+        return value
+
+    def _derive(self, n, op, inputs: list[_Field], args, kwargs, out: torch.Tensor) -> _Field:
+        if all(f.dims is None for f in inputs):
+            return self._global(inputs)
+        name = _name(op)
+        data = inputs[0]
+        if data.axes is not None and data.dims == (-2, -1):
+            window = _window_args(op, args, kwargs)
+            if window is not None:
+                axes = tuple(
+                    _window(a, o, *w)
+                    for a, o, w in zip(data.axes, out.shape[-2:], window, strict=True)
+                )
+                return _Field(data.dims, axes, data.why)
+            if isinstance(op, ADAPTIVE_MODULES) or op in ADAPTIVE_FUNCTIONS:
+                return _adaptive(data, tuple(out.shape[-2:]), n.name)
+        if name in ("permute", "transpose") and data.axes is not None:
+            return _Field(_moved(data.dims, name, args, kwargs), data.axes, data.why)
+        return self._elementwise(n, name, inputs, out)
+
+    def _elementwise(self, n, name: str, inputs: list[_Field], out: torch.Tensor) -> _Field:
+        """Union over inputs whose map `out` keeps; broadcast 1x1 or global inputs add nothing."""
+        if any(f.axes is None for f in inputs):
+            return (
+                self._global(inputs)
+                if name in GLOBAL_NAMES
+                else next(f for f in inputs if not f.axes)
+            )
+        same = [f for f in inputs if f.dims and _sizes_at(out, f.dims) == f.sizes]
+        context = [f for f in inputs if f.dims is None or f.sizes == (1, 1)]  # broadcast gates
+        kept = {id(f) for f in same + context}
+        if same and len(kept) == len(inputs) and not SPATIAL_NAMES.search(name):
+            axes, why = zip(*(_union([f.axes[i] for f in same]) for i in (0, 1)), strict=True)
+            return _Field(same[0].dims, axes, why[0] or why[1] or same[0].why)
+        if name in GLOBAL_NAMES:
+            return self._global(inputs)
+        shapes = [f.sizes for f in inputs if f.dims]
+        return _Field(
+            None,
+            None,
+            f"node {n.name!r} ({name}) maps {shapes} to {tuple(out.shape)}, "
+            "which only conv, pooling, adaptive pooling, elementwise ops, cat, permute, "
+            "transpose, flatten and means are understood to do",
+        )
+
+    def _global(self, inputs: list[_Field]) -> _Field:
+        """A field without spatial dims: one unit seeing everything its inputs saw."""
+        height, width = self.input_size
+        if any(f.axes is None for f in inputs):
+            spans = ((0, height),), ((0, width),)
+        else:
+            spans = tuple((_hull(s for f in inputs for s in f.axes[i].spans),) for i in (0, 1))
+        return _Field(
+            None, (_Axis(spans[0], (height, height, 0)), _Axis(spans[1], (width, width, 0)))
+        )
+
+
+def _walk(model: nn.Module, graph: fx.Graph, size: tuple[int, int]) -> dict[fx.Node, _Field]:
+    """Run `graph` on a zero image of `size` and return the field of every tensor node."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    image = torch.zeros(1, conv.in_channels if conv else 3, *size, device=device, dtype=dtype)
+    walker = _Walk(fx.GraphModule(model, graph), size)
+    try:
+        walker.run(image)  # (1, C, H, W)
+    except RuntimeError as e:
+        raise ConfigError(f"{type(model).__name__} cannot run on a {size} input ({e})") from e
+    return walker.fields
+
+
+def _window(axis: _Axis, n_out: int, k: int, s: int, p: int, d: int) -> _Axis:
+    """`axis` after a sliding window (conv or pool): kernel k, stride s, padding p, dilation d."""
+    taps = [range(i * s - p, i * s - p + d * (k - 1) + 1, d) for i in range(n_out)]
+    affine = None
+    if axis.affine is not None:
+        size, stride, pad = axis.affine
+        affine = (size + d * (k - 1) * stride, s * stride, pad + p * stride)
+    return _Axis(_gather(axis.spans, taps), affine)
+
+
+def _adaptive(data: _Field, out_sizes: tuple[int, int], node: str) -> _Field:
+    """Adaptive pooling: bin i of n -> m is [floor(i*n/m), ceil((i+1)*n/m)); affine if uniform."""
+    axes, whys = [], []
+    for axis, m in zip(data.axes, out_sizes, strict=True):
+        n = len(axis.spans)
+        bins = [range(i * n // m, -(-(i + 1) * n // m)) for i in range(m)]
+        widths, steps = (
+            {len(b) for b in bins},
+            {b.start - a.start for a, b in zip(bins, bins[1:], strict=False)},
+        )
+        if len(widths) == 1 and len(steps) <= 1:
+            k = widths.pop()
+            axes.append(_window(axis, m, k, steps.pop() if steps else k, 0, 1))
+        else:
+            axes.append(_Axis(_gather(axis.spans, bins), None))
+            whys.append(f"adaptive pooling {node!r} maps {n} to {m} with unequal bins")
+    why = "; ".join(whys) + ("; pick an input size whose map divides evenly" if whys else "")
+    return _Field(data.dims, tuple(axes), why or data.why)
+
+
+def _union(axes: list[_Axis]) -> tuple[_Axis, str]:
+    """Union of branches over the same map: per index, min start and max end."""
+    spans = tuple(_hull(group) for group in zip(*(a.spans for a in axes), strict=True))
+    affines = [a.affine for a in axes]
+    if None in affines:
+        return _Axis(spans, None), ""
+    strides = sorted({stride for _, stride, _ in affines})
+    if len(strides) > 1:
+        return _Axis(spans, None), f"branches with strides {strides} merge into one map"
+    pad = max(p for _, _, p in affines)
+    end = max(size - p for size, _, p in affines)
+    return _Axis(spans, (end + pad, strides[0], pad)), ""
+
+
+def _gather(spans: tuple[Span, ...], taps: Iterable[range]) -> tuple[Span, ...]:
+    """For each tap list, the hull of the spans it reaches; indices off the map are padding."""
+    return tuple(_hull(spans[j] for j in tap if 0 <= j < len(spans)) for tap in taps)
+
+
+def _hull(spans: Iterable[Span]) -> Span:
+    """Smallest span holding every non-empty one; EMPTY when none is."""
+    full = [s for s in spans if s[0] < s[1]]
+    return (min(s for s, _ in full), max(e for _, e in full)) if full else EMPTY
+
+
+def _window_args(op, args, kwargs) -> list[tuple[int, int, int, int]] | None:
+    """Per axis (kernel, stride, padding, dilation) of a conv or pooling call; None for others."""
+    if isinstance(op, nn.Conv2d | nn.MaxPool2d | nn.AvgPool2d):
+        bound = {"kernel_size": op.kernel_size, "stride": op.stride, "padding": op.padding}
+        bound["dilation"] = getattr(op, "dilation", 1)
+    elif isinstance(op, str) or op not in SIGNATURES:
+        return None
+    else:
+        bound = dict(zip(SIGNATURES[op], args, strict=False)) | kwargs
+        if "weight" in bound:  # functional conv: kernel from the weight, stride 1 by default
+            bound |= {"kernel_size": tuple(bound["weight"].shape[-2:])}
+            bound.setdefault("stride", 1)
+    k, d = _pair(bound["kernel_size"]), _pair(bound.get("dilation", 1))
+    s = _pair(bound.get("stride") or k)  # pooling: stride None or () means the kernel
+    p = bound.get("padding", 0)
+    if isinstance(p, str):  # conv "valid" / "same"; "same" pads d*(k-1)//2 before
+        p = tuple(0 if p == "valid" else di * (ki - 1) // 2 for ki, di in zip(k, d, strict=True))
+    return list(zip(k, s, _pair(p), d, strict=True))
+
+
+def _moved(dims: tuple[int, int], name: str, args, kwargs) -> tuple[int, int]:
+    """Where the (H, W) dims go under permute or transpose, as negative positions."""
+    ndim = args[0].dim()
+    if name == "permute":
+        order = kwargs.get("dims") or (args[1] if len(args) == 2 else args[1:])
+    else:
+        a, b = (list(args[1:]) + [kwargs.get("dim0"), kwargs.get("dim1")])[:2]
+        order = list(range(ndim))
+        order[a], order[b] = order[b], order[a]
+    order = [o % ndim for o in order]
+    return order.index(dims[0] % ndim) - ndim, order.index(dims[1] % ndim) - ndim
+
+
+def _identity(n: int) -> _Axis:
+    return _Axis(tuple((i, i + 1) for i in range(n)), (1, 1, 0))
+
+
+def _sizes_at(t: torch.Tensor, dims: tuple[int, int]) -> tuple[int, int] | None:
+    return (t.shape[dims[0]], t.shape[dims[1]]) if t.dim() >= -min(dims) else None
+
+
+def _first_tensor(value) -> torch.Tensor | None:
+    """The value itself, or the first tensor of a tuple/list output (chunk, split)."""
+    if isinstance(value, tuple | list) and value:
+        value = value[0]
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _name(op) -> str:
+    if isinstance(op, nn.Module):
+        return type(op).__name__
+    return op if isinstance(op, str) else getattr(op, "__name__", str(op))
+
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, tuple | list | torch.Size):
+        return (int(v[0]), int(v[-1]))
+    return (int(v), int(v))
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Trace and run in eval mode, then restore every module's own training flag."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode

@@ -1,0 +1,59 @@
+"""Shared fixtures: real photographs, seeded weights files, a loopback Ray instance per module."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from photos import make_photos  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory) -> Path:
+    """48 real photographs (crops and flips of skimage.data) in five folders, JPEG and PNG."""
+    root = tmp_path_factory.mktemp("photos")
+    make_photos(root, variants=3)
+    return root
+
+
+def save_seeded(name: str, path: Path, seed: int = 1234) -> Path:
+    torch.manual_seed(seed)
+    model = torchvision.models.get_model(name, weights=None)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def alexnet_weights(tmp_path_factory) -> Path:
+    return save_seeded("alexnet", tmp_path_factory.mktemp("weights") / "alexnet.pt")
+
+
+@pytest.fixture(scope="session")
+def resnet18_weights(tmp_path_factory) -> Path:
+    return save_seeded("resnet18", tmp_path_factory.mktemp("weights") / "resnet18.pt")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One loopback Ray instance for a test module; workers import what the tests import."""
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        object_store_memory=128 * 1024**2,
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])}},
+        logging_level="WARNING",
+    )
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,97 @@
+"""Brute-force oracle for the index: plain torch, whole dataset, no Ray, no pipeline code.
+
+Images are decoded with PIL and preprocessed with torchvision's own transforms; plain forward
+hooks clone every chosen layer's output; each unit's images are sorted by (activation
+descending, image_id ascending) in Python.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.v2 as T
+from PIL import Image, ImageOps
+
+TRANSFORM = T.Compose(
+    [
+        T.Resize(256, antialias=True),
+        T.CenterCrop(224),
+        T.ToImage(),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+    ]
+)
+
+
+def load(path: Path) -> torch.Tensor:
+    with Image.open(path) as image:
+        return TRANSFORM(ImageOps.exif_transpose(image).convert("RGB"))  # (3, 224, 224)
+
+
+def activations(model, layers, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every layer's full output for `images` (N, 3, H, W), cloned at hook time."""
+    modules = dict(model.named_modules())
+    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    handles = [
+        modules[name].register_forward_hook(
+            lambda m, i, o, name=name: outputs[name].append(o.detach().clone())
+        )
+        for name in layers
+    ]
+    try:
+        with torch.no_grad():
+            for batch in images.split(16):
+                model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: torch.cat(chunks) for name, chunks in outputs.items()}
+
+
+def top_k(outputs: dict[str, torch.Tensor], ids: list[str], k: int) -> dict:
+    """{(layer, unit): [(image_id, activation, y, x), ...]} by brute force."""
+    result = {}
+    for layer, out in outputs.items():
+        if out.dim() == 2:
+            out = out[:, :, None, None]  # (N, C, 1, 1)
+        n, c, h, w = out.shape
+        flat = out.reshape(n, c, h * w).numpy()
+        for unit in range(c):
+            rows = []
+            for i in range(n):
+                pos = int(np.argmax(flat[i, unit]))  # first maximum, row-major
+                rows.append((float(flat[i, unit, pos]), ids[i], pos // w, pos % w))
+            rows.sort(key=lambda r: (-r[0], r[1]))
+            result[(layer, unit)] = [(r[1], r[0], r[2], r[3]) for r in rows[:k]]
+    return result
+
+
+def compare(index_rows: list[dict], outputs: dict[str, torch.Tensor], ids: list[str], k: int):
+    """Assert the index equals the brute-force top-k of `outputs`.
+
+    Image ids, ranks and positions must match exactly, activations within float tolerance. A
+    batched forward pass is not bit-identical across batch compositions, so two images (or two
+    positions) whose activations differ by less than that noise may legitimately swap; such
+    near-ties are allowed, and their activations must still agree with the oracle.
+    """
+    expected = top_k(outputs, ids, k)
+    got: dict = {}
+    for row in index_rows:
+        got.setdefault((row["layer"], row["unit"]), []).append(row)
+    assert set(got) == set(expected), "index covers other (layer, unit) pairs than the oracle"
+    swaps = 0
+    for (layer, unit), want in expected.items():
+        rows = sorted(got[(layer, unit)], key=lambda r: r["rank"])
+        assert [r["rank"] for r in rows] == list(range(1, len(want) + 1)), (layer, unit)
+        out = outputs[layer]
+        for row, (image_id, value, y, x) in zip(rows, want):
+            tol = 1e-4 * max(1.0, abs(value))
+            assert abs(row["activation"] - value) <= tol, (layer, unit, row, value)
+            if (row["image_id"], row["y"], row["x"]) != (image_id, y, x):
+                swaps += 1
+                i = ids.index(row["image_id"])
+                there = out[i, unit, row["y"], row["x"]] if out.dim() == 4 else out[i, unit]
+                assert abs(float(there) - value) <= tol, (layer, unit, row, image_id, value)
+    assert swaps <= max(2, len(expected) // 100), f"{swaps} near-tie swaps"
