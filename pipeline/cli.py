@@ -43,7 +43,9 @@ def add_index_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="torchvision:NAME or pkg.module:factory")
     p.add_argument("--weights", help="state-dict file/URL, or a torchvision weights name (DEFAULT)")
     p.add_argument("--data", help="image folder, fsspec URL, or manifest (.txt/.parquet of URIs)")
-    p.add_argument("--layers", help="comma-separated dotted module names, e.g. features.10,classifier.4")
+    p.add_argument(
+        "--layers", help="comma-separated dotted module names, e.g. features.10,classifier.4"
+    )
     p.add_argument("--out", help="output folder or fsspec URL")
     p.add_argument("--k", type=int, help="images kept per unit (default 9)")
     p.add_argument("--workers", type=int, help="CPU actors when the cluster has no GPU (default 2)")
@@ -84,7 +86,7 @@ def run_index(cfg: IndexConfig) -> None:
     print(f"index: {where}  ({manifest['counts']['index_rows']} rows)")
     if manifest["counts"]["bad"]:
         print(f"skipped images: {cfg.out.rstrip('/')}/errors.parquet")
-    print(f'query: python -c "import pandas as pd; print(pd.read_parquet(\'{where}\'))"')
+    print(f"query: python -c \"import pandas as pd; print(pd.read_parquet('{where}'))\"")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

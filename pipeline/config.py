@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,19 +42,29 @@ class IndexConfig:
     data: str  # folder, fsspec URL, or manifest (.txt / .parquet) of image URIs
     layers: tuple[str, ...]  # dotted module names whose units are indexed
     out: str  # output folder or fsspec URL
-    weights: str | None = None  # state-dict file/URL, a torchvision weights name, or None (seeded init)
+    weights: str | None = (
+        None  # state-dict file/URL, a torchvision weights name, or None (seeded init)
+    )
     k: int = 9  # images kept per unit
     workers: int = 2  # CPU actors when the cluster has no GPU (one actor per GPU otherwise)
     batch_size: int = 32  # images per forward pass
     shard_size: int = 256  # images per shard (the unit of work, resume and retry)
     preprocess: Preprocess = field(default_factory=Preprocess)
     address: str | None = None  # Ray address; None starts a local instance (or uses RAY_ADDRESS)
-    max_bad_fraction: float = 0.01  # fail the run when more than this fraction of images is unreadable
+    max_bad_fraction: float = (
+        0.01  # fail the run when more than this fraction of images is unreadable
+    )
     storage_options: dict[str, Any] = field(default_factory=dict, compare=False)  # fsspec options
     decode_threads: int = 4  # decoding threads per actor
 
     def __post_init__(self) -> None:
+        # Ray workers run in other folders: a relative local path must mean the driver's.
+        object.__setattr__(self, "data", absolute(self.data))
+        object.__setattr__(self, "out", absolute(self.out))
+        object.__setattr__(self, "weights", absolute(self.weights, names_allowed=True))
         _check_positive(self, "k", "batch_size", "shard_size", "workers", "decode_threads")
+        if self.k > 10_000:
+            raise ConfigError(f"--k must be at most 10000, got {self.k}")
         if not self.layers:
             raise ConfigError("no layers given; pass --layers a,b (dotted module names)")
         if len(set(self.layers)) != len(self.layers):
@@ -77,6 +88,16 @@ class IndexConfig:
         return out
 
 
+def absolute(location: str | None, names_allowed: bool = False) -> str | None:
+    """A local path made absolute; URLs, None and (if allowed) bare weights names unchanged."""
+    if location is None or "://" in location or os.path.isabs(location):
+        return location
+    bare = os.sep not in location and "." not in location and not os.path.exists(location)
+    if names_allowed and bare:
+        return location  # a torchvision weights name such as DEFAULT or IMAGENET1K_V1
+    return os.path.abspath(location)
+
+
 def _check_positive(cfg: IndexConfig, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)
@@ -95,7 +116,9 @@ def load_spec(path: str | None) -> dict[str, Any]:
         return {}
     spec_path = Path(path)
     if not spec_path.is_file():
-        raise InputNotFoundError(f"job spec {path!r} does not exist; pass an existing --config file")
+        raise InputNotFoundError(
+            f"job spec {path!r} does not exist; pass an existing --config file"
+        )
     text = spec_path.read_text()
     try:
         if spec_path.suffix == ".toml":

@@ -122,6 +122,6 @@ def probe(model: nn.Module, layers: dict[str, nn.Module], crop: int) -> dict[str
         if count > 1:
             raise ConfigError(
                 f"layer {name!r} runs {count} times per forward pass (one module reused); "
-                "its output is ambiguous, pick a module that runs once (e.g. the block containing it)"
+                "its output is ambiguous; pick a module that runs once (e.g. the enclosing block)"
             )
     return {name: cap.shapes[name][1:] for name in layers}

@@ -33,11 +33,11 @@ class LoadedModel:
 
 
 def load_model(spec: str, weights: str | None = None, storage_options: dict | None = None):
-    """Build the model named by `spec`, load `weights`, return it in eval mode with its fingerprint."""
+    """Build the model named by `spec`, load `weights`; return it in eval mode, fingerprinted."""
     kind, sep, name = spec.partition(":")
     if not sep or not name:
         raise ConfigError(
-            f"--model {spec!r} is not a model spec; use 'torchvision:NAME' (e.g. torchvision:alexnet) "
+            f"--model {spec!r} is not a model spec; use 'torchvision:NAME' (torchvision:alexnet) "
             "or 'pkg.module:factory'"
         )
     tv_weights = _torchvision_weights_name(weights)
@@ -193,6 +193,8 @@ def resolve_layers(model: nn.Module, names: tuple[str, ...]) -> dict[str, nn.Mod
     found = {}
     for name in names:
         if name not in modules or not name:
-            raise ConfigError(f"unknown layer {name!r}; closest valid names: {closest(name, valid)}")
+            raise ConfigError(
+                f"unknown layer {name!r}; closest valid names: {closest(name, valid)}"
+            )
         found[name] = modules[name]
     return found

@@ -57,4 +57,6 @@ def read_commit(store: Store, shard_key: str, run_fingerprint: str) -> dict[str,
 def read_table(store: Store, record: dict[str, Any], table: str) -> pa.Table:
     """Read the committed attempt's `topk` or `images` table."""
     assert table in ("topk", "images"), table
-    return store.read_parquet(posixpath.join(ROOT, record["shard"], record["attempt"], f"{table}.parquet"))
+    return store.read_parquet(
+        posixpath.join(ROOT, record["shard"], record["attempt"], f"{table}.parquet")
+    )

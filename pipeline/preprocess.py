@@ -112,7 +112,9 @@ class Geometry:
     def scale_x(self) -> float:
         return self.width / self.resized_width
 
-    def to_original(self, top: int, left: int, bottom: int, right: int) -> tuple[int, int, int, int]:
+    def to_original(
+        self, top: int, left: int, bottom: int, right: int
+    ) -> tuple[int, int, int, int]:
         """A half-open box in crop pixels -> the half-open box of original pixels it covers."""
         t = int(np.floor((top + self.top) * self.scale_y))
         b = int(np.ceil((bottom + self.top) * self.scale_y))

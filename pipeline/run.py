@@ -149,7 +149,11 @@ def _manifest(p: Plan, store: Store, records, files, rows: int, total: int, bad:
         "run": p.run_fingerprint,
         "config": p.cfg.to_json(),
         "preprocess": p.cfg.to_json()["preprocess"],
-        "model": {"spec": p.cfg.model, "weights": p.cfg.weights, "fingerprint": p.model_fingerprint},
+        "model": {
+            "spec": p.cfg.model,
+            "weights": p.cfg.weights,
+            "fingerprint": p.model_fingerprint,
+        },
         "data": {"source": p.cfg.data, "fingerprint": p.data_fingerprint},
         "layers": {name: list(shape) for name, shape in p.shapes.items()},
         "schemas": VERSIONS,
@@ -194,8 +198,9 @@ class ray_session:
             try:
                 ray.init(address=self.address, logging_level=logging.WARNING)
             except (ConnectionError, RuntimeError, ValueError) as e:
+                where = self.address or os.environ["RAY_ADDRESS"]
                 raise ConfigError(
-                    f"cannot connect to the Ray cluster at {self.address or os.environ['RAY_ADDRESS']!r}"
+                    f"cannot connect to the Ray cluster at {where!r}"
                     f" ({str(e).splitlines()[0]}); check --address and that the cluster is up"
                 ) from e
         self.started = True
@@ -246,7 +251,11 @@ def _retry_or_raise(queue: deque, shard: Shard, attempt: int, error: Exception) 
     init_failed = getattr(error, "actor_init_failed", False)
     if init_failed or attempt >= MAX_ATTEMPTS:
         detail = str(error).strip().splitlines()[-1][:300]
-        why = "a worker failed to start" if init_failed else f"shard {shard.key} failed {attempt} times"
+        why = (
+            "a worker failed to start"
+            if init_failed
+            else f"shard {shard.key} failed {attempt} times"
+        )
         raise WorkerError(f"{why}: {detail}") from error
     queue.appendleft((shard, attempt + 1))
 

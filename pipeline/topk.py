@@ -41,7 +41,7 @@ class RunningTopK:
         self.xs = torch.zeros((units, k), dtype=torch.int64, device=device)  # (U, k)
 
     def add(self, values: Tensor, index: Tensor, ys: Tensor, xs: Tensor) -> None:
-        """Fold in a batch: `values`, `ys`, `xs` are (B, U); `index` (B,) is each image's position."""
+        """Fold in a batch: `values`, `ys`, `xs` are (B, U); `index` (B,) are stream positions."""
         units, batch = self.values.shape[0], values.shape[0]
         vals = torch.cat([self.values, values.T], dim=1)  # (U, k + B)
         idx = torch.cat([self.index, index.to(torch.int64).expand(units, batch)], dim=1)  # (U, k+B)

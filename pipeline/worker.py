@@ -53,7 +53,9 @@ def pick_device() -> torch.device:
 class ShardIndexer:
     """Loads the model once; `index_shard` turns one shard into a committed partial."""
 
-    def __init__(self, cfg: IndexConfig, run_fingerprint: str, model_fingerprint: str, threads=None):
+    def __init__(
+        self, cfg: IndexConfig, run_fingerprint: str, model_fingerprint: str, threads=None
+    ):
         if threads:
             torch.set_num_threads(threads)
         self.cfg = cfg

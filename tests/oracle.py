@@ -86,7 +86,7 @@ def compare(index_rows: list[dict], outputs: dict[str, torch.Tensor], ids: list[
         rows = sorted(got[(layer, unit)], key=lambda r: r["rank"])
         assert [r["rank"] for r in rows] == list(range(1, len(want) + 1)), (layer, unit)
         out = outputs[layer]
-        for row, (image_id, value, y, x) in zip(rows, want):
+        for row, (image_id, value, y, x) in zip(rows, want, strict=True):
             tol = 1e-4 * max(1.0, abs(value))
             assert abs(row["activation"] - value) <= tol, (layer, unit, row, value)
             if (row["image_id"], row["y"], row["x"]) != (image_id, y, x):

@@ -92,7 +92,8 @@ def test_any_sharding_and_grouping_gives_the_same_index(seed, n, units, k, level
     bounds = [0, *[c for c in cuts if c < n], n]
     batch = data.draw(st.integers(1, 16))
     parts = [
-        shard_partial(values, ys, xs, ids, lo, hi, k, batch) for lo, hi in zip(bounds, bounds[1:])
+        shard_partial(values, ys, xs, ids, lo, hi, k, batch)
+        for lo, hi in zip(bounds, bounds[1:], strict=False)
     ]
     whole = merge([shard_partial(values, ys, xs, ids, 0, n, k, n)], k)
     # merge in a random order and a random tree of groups
@@ -104,7 +105,9 @@ def test_any_sharding_and_grouping_gives_the_same_index(seed, n, units, k, level
         rng.shuffle(parts)
     assert merge(parts, k).equals(whole)
     assert unit_ids(whole, units) == brute_force(values, ids, k)
-    assert whole["rank"].to_pylist() == [r for u in brute_force(values, ids, k) for r in range(1, len(u) + 1)]
+    assert whole["rank"].to_pylist() == [
+        r for u in brute_force(values, ids, k) for r in range(1, len(u) + 1)
+    ]
 
 
 def test_merge_keeps_layers_apart():
