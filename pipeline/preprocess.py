@@ -84,9 +84,11 @@ def to_uint8(image: Image.Image, pre: Preprocess) -> torch.Tensor:
 
 def normalize(batch: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     """(B, 3, H, W) uint8 -> (B, 3, H, W) float32 normalised with the config's mean and std."""
-    mean = torch.tensor(pre.mean, device=batch.device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
-    std = torch.tensor(pre.std, device=batch.device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
-    return (batch.float() / 255.0 - mean) / std  # (B, 3, H, W)
+    std = torch.tensor(pre.std, dtype=torch.float64)  # (3,)
+    scale = (1.0 / (255.0 * std)).float().to(batch.device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
+    shift = (-torch.tensor(pre.mean, dtype=torch.float64) / std).float()  # (3,)
+    shift = shift.to(batch.device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
+    return torch.addcmul(shift, batch.float(), scale)  # (B, 3, H, W): (x/255 - mean) / std
 
 
 @dataclass(frozen=True)
