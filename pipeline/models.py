@@ -130,6 +130,8 @@ def load_weights(model: nn.Module, path: str, spec: str, storage_options: dict) 
     try:
         state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "unsupported global" not in str(e).lower():  # garbage, not a pickled object
+            raise ConfigError(f"weights file {path!r} is not a torch state dict") from e
         raise ConfigError(
             f"weights file {path!r} holds Python objects beyond tensors and was refused "
             "(loaded with weights_only=True); save only torch.save(model.state_dict(), path)"

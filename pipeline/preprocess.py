@@ -56,6 +56,8 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
             rgb = _to_rgb(image)
     except BadImage:
         raise
+    except Image.DecompressionBombError as e:  # Pillow's own check, at twice its limit
+        raise BadImage(f"refused as a decompression bomb: {e}") from e
     except Exception as e:  # any decoder failure means this file is not a usable image
         raise BadImage(f"{type(e).__name__}: {e}") from e
     return Decoded(rgb, content_hash(data), len(data))

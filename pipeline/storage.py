@@ -3,7 +3,8 @@
 Local writes go to a temporary name in the same folder and are renamed into place (atomic on
 POSIX). Object stores have no rename, but a single PUT (or a multipart upload, which the store
 publishes only when completed) is atomic: there the object is written under its final key, and a
-failed write is discarded rather than completed. Either way no reader sees half a file.
+failed write is discarded rather than completed. Other filesystems (memory, SFTP, ...) write a
+temporary name and move it into place. Either way no reader sees half a file.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+UPLOAD_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}  # publish on completion
 ROW_GROUP_SIZE = 64 * 1024  # rows per Parquet row group: small enough for selective pandas reads
 
 
@@ -33,6 +35,8 @@ class Store:
         self.fs, self.root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         self.root = self.root.rstrip("/")
         self.local = isinstance(self.fs, LocalFileSystem)
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        self.uploads = bool(UPLOAD_STORES & set(protocols))
 
     def path(self, rel: str) -> str:
         return posixpath.join(self.root, rel) if rel else self.root
@@ -70,6 +74,10 @@ class Store:
     def open_atomic(self, rel: str) -> Iterator[Any]:
         """A binary file handle whose content appears at `rel` only if the block succeeds."""
         final = self.path(rel)
+        if self.uploads:
+            with self._upload(final) as f:
+                yield f
+            return
         if self.local:
             os.makedirs(os.path.dirname(final), exist_ok=True)
             temp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
@@ -83,13 +91,22 @@ class Store:
                 if os.path.exists(temp):
                     os.remove(temp)
             return
+        temp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with self.fs.open(temp, "wb") as f:
+                yield f
+            self.fs.mv(temp, final)
+        finally:
+            if self.fs.exists(temp):
+                self.fs.rm(temp)
+
+    @contextlib.contextmanager
+    def _upload(self, final: str) -> Iterator[Any]:
         f = self.fs.open(final, "wb")
         try:
             yield f
         except BaseException:
-            discard = getattr(f, "discard", None)  # abandon the upload instead of completing it
-            if discard is not None:
-                discard()
+            f.discard()  # abort the upload: the object never appears
             raise
         f.close()
 

@@ -1,0 +1,81 @@
+"""Job specs (YAML, TOML, JSON) merged with flags into a validated, frozen IndexConfig."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+
+from pipeline.config import build_index_config, load_spec
+from pipeline.errors import ConfigError, InputNotFoundError
+
+BASE = {"model": "torchvision:alexnet", "data": "/d", "layers": "features.10", "out": "/o"}
+
+
+def test_flags_override_spec_and_none_means_not_given(tmp_path):
+    spec = tmp_path / "job.yaml"
+    spec.write_text(
+        "model: torchvision:alexnet\ndata: /d\nlayers: [a, b]\nout: /o\nk: 5\ncrop: 200\n"
+    )
+    cfg = build_index_config(load_spec(str(spec)), {"k": 3, "workers": None})
+    assert (cfg.k, cfg.workers, cfg.layers, cfg.preprocess.crop) == (3, 2, ("a", "b"), 200)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.k = 4
+
+
+def test_toml_and_json_specs_with_dashed_keys(tmp_path):
+    (tmp_path / "job.toml").write_text(
+        'model = "m:f"\ndata = "/d"\nlayers = "x"\nout = "/o"\nbatch-size = 7\n'
+    )
+    assert build_index_config(load_spec(str(tmp_path / "job.toml")), {}).batch_size == 7
+    (tmp_path / "job.json").write_text(
+        '{"model": "m:f", "data": "/d", "layers": ["x"], "out": "/o"}'
+    )
+    assert build_index_config(load_spec(str(tmp_path / "job.json")), {}).layers == ("x",)
+
+
+def test_relative_paths_become_absolute_but_weights_names_stay(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = build_index_config({}, {**BASE, "data": "imgs", "out": "run", "weights": "DEFAULT"})
+    assert cfg.data == os.path.join(tmp_path, "imgs") and cfg.out == os.path.join(tmp_path, "run")
+    assert cfg.weights == "DEFAULT"
+    assert build_index_config({}, {**BASE, "out": "s3://b/o"}).out == "s3://b/o"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"k": 0}, "--k must be a whole number of at least 1"),
+        ({"batch_size": -1}, "--batch-size must be"),
+        ({"layers": "a,a"}, "names a layer twice"),
+        ({"layers": " , "}, "no layers given"),
+        ({"crop": 300}, "--crop 300 must be between 1 and --resize 256"),
+        ({"max_bad_fraction": 2.0}, "between 0 and 1"),
+        ({"out": None}, "--out is required"),
+        ({"storage_options": "[1]"}, "must be a JSON object"),
+        ({"kay": 3}, "unknown setting 'kay'"),
+    ],
+)
+def test_invalid_settings_name_the_flag(change, message):
+    with pytest.raises(ConfigError, match=message):
+        build_index_config(
+            {}, {**BASE, **change, **({"out": None} if change.get("out", 1) is None else {})}
+        )
+
+
+def test_spec_file_errors(tmp_path):
+    with pytest.raises(InputNotFoundError):
+        load_spec(str(tmp_path / "missing.yaml"))
+    (tmp_path / "job.ini").write_text("x")
+    with pytest.raises(ConfigError, match="must end in .yaml"):
+        load_spec(str(tmp_path / "job.ini"))
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid"):
+        load_spec(str(tmp_path / "bad.yaml"))
+
+
+def test_storage_options_never_reach_the_manifest_json():
+    cfg = build_index_config({}, {**BASE, "storage_options": '{"secret": "hunter2"}'})
+    assert cfg.storage_options == {"secret": "hunter2"}
+    assert "hunter2" not in str(cfg.to_json()) and "storage_options" not in cfg.to_json()
