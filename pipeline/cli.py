@@ -1,7 +1,8 @@
-"""The `ninebest` command: `index`, `demo`.
+"""The `ninebest` command: `index`, `demo`, `export`.
 
-User errors (`NinebestError`) become one line on stderr and exit status 2; nothing is written to
-the output folder before the inputs are validated.
+Each subcommand is a subparser whose `handler` takes the parsed arguments and returns an exit
+status. User errors (`NinebestError`) become one line on stderr and exit status 2; nothing is
+written to the output folder before the inputs are validated.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import IndexConfig, build_index_config, load_spec
-from .errors import NinebestError
+from .config import IndexConfig, build_index_config, load_spec, parse_list, storage_options
+from .errors import ConfigError, NinebestError
 
 DEMO_IMAGES = Path(__file__).resolve().parent / "demo_images"
 DEMO_LAYERS = ("layer1", "layer2", "layer3", "layer4", "fc")
@@ -30,11 +31,48 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     idx = sub.add_parser("index", help="index the top-k images of every unit of some layers")
     add_index_flags(idx)
+    idx.set_defaults(handler=lambda args: run_index(index_config(args)))
     demo = sub.add_parser("demo", help="index the bundled photographs with a small model")
     demo.add_argument("--out", default="ninebest-demo", help="output folder (default %(default)s)")
     demo.add_argument("--workers", type=int, default=2, help="CPU actors (default %(default)s)")
     demo.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    demo.set_defaults(handler=run_demo)
+    add_export_command(sub)
     return parser
+
+
+def add_export_command(sub) -> None:
+    p = sub.add_parser("export", help="patches, deconv projections, grids and an atlas of an index")
+    p.add_argument("out", help="the index's output folder or URL (holds manifest.json)")
+    p.add_argument("--layers", help="comma-separated subset of the indexed layers (default: all)")
+    p.add_argument("--units", help="comma-separated unit numbers, for every chosen layer")
+    p.add_argument("--workers", type=int, help="CPU actors without GPUs (default: the index's)")
+    p.add_argument("--address", help="Ray address (default: the index's, RAY_ADDRESS, or local)")
+    p.add_argument("--storage-options", help="fsspec storage options as a JSON object")
+    p.set_defaults(handler=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .export import export  # imports Ray and the model code
+
+    units = None
+    if args.units:
+        try:
+            units = tuple(int(u) for u in parse_list(args.units))
+        except ValueError as e:
+            raise ConfigError(
+                f"--units must be comma-separated whole numbers, got {args.units!r}"
+            ) from e
+    summary = export(
+        args.out,
+        layers=parse_list(args.layers) if args.layers else None,
+        units=units,
+        workers=args.workers,
+        address=args.address,
+        storage_options=storage_options(args.storage_options),
+    )
+    print(f"atlas: {summary['export'].rstrip('/')}/{summary['outputs']['atlas']}")
+    return 0
 
 
 def add_index_flags(p: argparse.ArgumentParser) -> None:
@@ -78,7 +116,16 @@ def demo_config(args: argparse.Namespace) -> IndexConfig:
     )
 
 
-def run_index(cfg: IndexConfig) -> None:
+def run_demo(args: argparse.Namespace) -> int:
+    count = sum(1 for p in DEMO_IMAGES.rglob("*") if p.is_file())
+    print(
+        "demo: torchvision resnet18, randomly initialised (seed 0; no download needed), "
+        f"on {count} bundled photographs"
+    )
+    return run_index(demo_config(args))
+
+
+def run_index(cfg: IndexConfig) -> int:
     from .run import index  # imports Ray: keep `ninebest --help` fast
 
     manifest = index(cfg)
@@ -92,21 +139,13 @@ def run_index(cfg: IndexConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "index":
-            run_index(index_config(args))
-        elif args.command == "demo":
-            print(
-                "demo: torchvision resnet18, randomly initialised (seed 0; no download needed), "
-                f"on {sum(1 for p in DEMO_IMAGES.rglob('*') if p.is_file())} bundled photographs"
-            )
-            run_index(demo_config(args))
+        return args.handler(args)
     except NinebestError as e:
         print(f"ninebest: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ninebest: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

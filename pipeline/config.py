@@ -147,7 +147,7 @@ def build_index_config(spec: dict[str, Any], flags: dict[str, Any]) -> IndexConf
     pre = Preprocess(**{k: merged.pop(k) for k in list(merged) if k in PREPROCESS_KEYS})
     merged.pop("config", None)
     merged["layers"] = parse_list(merged["layers"])
-    merged["storage_options"] = _storage_options(merged.get("storage_options"))
+    merged["storage_options"] = storage_options(merged.get("storage_options"))
     return IndexConfig(preprocess=pre, **merged)
 
 
@@ -157,7 +157,8 @@ def parse_list(value: str | list | tuple) -> tuple[str, ...]:
     return tuple(item.strip() for item in items if item.strip())
 
 
-def _storage_options(value: Any) -> dict[str, Any]:
+def storage_options(value: Any) -> dict[str, Any]:
+    """Parse --storage-options (a JSON object, or a dict from a spec file)."""
     if value in (None, ""):
         return {}
     if isinstance(value, dict):
