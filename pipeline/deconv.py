@@ -14,8 +14,10 @@ In autograd terms the projection is the gradient of the chosen activation with r
 input, with every ReLU's backward replaced by ReLU of its incoming gradient. ReLUs are swapped
 during the forward by a `TorchFunctionMode` that routes `nn.ReLU`, `F.relu`, `torch.relu`,
 `Tensor.relu` and their in-place variants through `DeconvReLU`, so functional calls inside a
-custom `forward` and a ReLU module reused several times (ResNet blocks) are all covered. Other
-layers (batch norm, linear, average pooling, residual sums) keep their ordinary backward.
+custom `forward` and a ReLU module reused several times (ResNet blocks) are all covered; the mode
+is only active during the forward, which stops once `layer` has produced its output. Other
+layers (batch norm, linear, average pooling, residual sums) keep their ordinary backward, and so
+do other activations (`relu6`, `leaky_relu`, `clamp`), which the paper does not have.
 
 Seed: as in the paper, the chosen activation keeps its value, so the projection scales with the
 activation (a projection with seed 1, as captum uses, times the activation). An activation of 0

@@ -49,7 +49,9 @@ def positive_choices(output: Tensor, seed: int = 0) -> tuple[Tensor, Tensor, Ten
     """Per sample a random unit among those with a positive activation, at its spatial argmax."""
     generator = torch.Generator().manual_seed(seed)
     maxima, where = output.flatten(2).max(dim=2)  # (B, C), (B, C)
-    units = torch.stack([torch.multinomial((m > 0).float(), 1, generator=generator)[0] for m in maxima])
+    units = torch.stack(
+        [torch.multinomial((m > 0).float(), 1, generator=generator)[0] for m in maxima]
+    )
     flat = where[torch.arange(len(units)), units]  # (B,)
     width = output.shape[3]
     return units, flat // width, flat % width  # (B,) each
@@ -120,6 +122,18 @@ def test_activations_are_the_layer_values(alexnet: nn.Module) -> None:
     assert torch.allclose(activations, output[torch.arange(3), units, ys, xs], rtol=1e-4)
 
 
+def test_batched_equals_one_at_a_time(resnet18: nn.Module) -> None:
+    """Samples are independent: one batched call equals B calls of one sample (eval BatchNorm)."""
+    images = photos(64)  # (3, 3, 64, 64)
+    units, ys, xs = positive_choices(layer_output(resnet18, "layer2.0", images), seed=7)
+    batched = project(resnet18, "layer2.0", images, units, ys, xs)  # (3, 3, 64, 64)
+    for b in range(3):
+        one = project(
+            resnet18, "layer2.0", images[b : b + 1], units[b : b + 1], ys[b : b + 1], xs[b : b + 1]
+        )
+        assert batched[b].abs().sum() > 0 and torch.allclose(batched[b], one[0], atol=1e-6)
+
+
 def test_deconvnet_is_not_the_gradient(alexnet: nn.Module) -> None:
     """The ReLU rule is active: the projection differs from the plain gradient."""
     images = photos(224)[:1]  # (1, 3, 224, 224)
@@ -151,7 +165,7 @@ class Tiny(nn.Module):
 
 def test_tiny_model_by_hand() -> None:
     # h = relu(x); c = conv2(h) with K = [[1, -2], [3, 0.5]] is, in pool window (0, 0):
-    #   c[0,0] = 0.5, c[0,1] = 3.5, c[1,0] = -1, c[1,1] = 1 - 2 + 6 + 0 = 5  -> switch (1, 1), a = 5.
+    #   c[0,0] = 0.5, c[0,1] = 3.5, c[1,0] = -1, c[1,1] = 1 - 2 + 6 + 0 = 5 -> switch (1, 1), a = 5
     # Deconvnet: unpool 5 at (1, 1); relu(5) = 5; transposed K puts 5 * K = [[5, -10], [15, 2.5]]
     # on rows/cols 1-2; the first ReLU rectifies the signal -> [[5, 0], [15, 2.5]], and keeps 2.5
     # at (2, 2) although x[2, 2] = -1 was inactive (the gradient would give [[5, -10], [15, 0]]).
@@ -164,7 +178,13 @@ def test_tiny_model_by_hand() -> None:
     images = torch.stack([x, shifted, x])[:, None]  # (3, 1, 5, 5)
     cells = torch.tensor([0, 1, 1])  # (3,) sample 2 reads cell (1, 1) of x: all zeros there
     projections, activations = project(
-        Tiny(), "pool", images, torch.zeros(3, dtype=torch.long), cells, cells, return_activations=True
+        Tiny(),
+        "pool",
+        images,
+        torch.zeros(3, dtype=torch.long),
+        cells,
+        cells,
+        return_activations=True,
     )  # (3, 1, 5, 5), (3,)
     assert torch.equal(activations, torch.tensor([5.0, 5.0, 0.0]))
     assert torch.equal(projections[0, 0], expected)
@@ -235,6 +255,20 @@ def test_functional_relus_match_modules_and_captum(layer: str) -> None:
     assert_matches_captum(modules, layer, images, choices)
 
 
+def test_inplace_relu_on_the_input() -> None:
+    """A model that rectifies its input in place works and leaves the caller's images alone."""
+    torch.manual_seed(6)
+    inplace = nn.Sequential(nn.ReLU(inplace=True), nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True))
+    plain = nn.Sequential(nn.ReLU(), inplace[1], nn.ReLU())
+    images = photos(16)  # (3, 3, 16, 16) with negative values
+    images_before = images.clone()  # (3, 3, 16, 16)
+    choices = positive_choices(layer_output(plain, "2", images))
+    assert torch.allclose(
+        project(inplace, "2", images, *choices), project(plain, "2", images, *choices)
+    )
+    assert torch.equal(images, images_before)
+
+
 def snapshot(model: nn.Module) -> dict:
     """Everything `project` must leave as it was."""
     return {
@@ -290,6 +324,10 @@ def test_model_untouched_after_success() -> None:
     project(model, "layer2.1", images, index, index, index)
     assert_untouched(model, before)  # BatchNorm running stats included: eval inside
     assert torch.equal(images, images_before)
+    with torch.inference_mode():  # an export step may call it from inference mode
+        inferred = project(model, "layer2.1", images.clone(), index, index, index)
+    assert torch.allclose(inferred, project(model, "layer2.1", images, index, index, index))
+    assert_untouched(model, before)
 
 
 def test_model_untouched_after_errors() -> None:
