@@ -1,4 +1,4 @@
-"""The `ninebest` command: `index`, `demo`, `export`.
+"""The `ninebest` command: `index`, `demo`, `export`, `reindex`, `history`.
 
 Each subcommand is a subparser whose `handler` takes the parsed arguments and returns an exit
 status. User errors (`NinebestError`) become one line on stderr and exit status 2; nothing is
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .config import IndexConfig, build_index_config, load_spec, parse_list, storage_options
 from .errors import ConfigError, NinebestError
+from .submit import add_commands as submit_commands
 
 DEMO_IMAGES = Path(__file__).resolve().parent / "demo_images"
 DEMO_LAYERS = ("layer1", "layer2", "layer3", "layer4", "fc")
@@ -38,6 +39,8 @@ def build_parser() -> Parser:
     demo.add_argument("--address", default=None, help="Ray cluster address (default: local)")
     demo.set_defaults(handler=run_demo)
     add_export_command(sub)
+    submit_commands(sub)
+    add_reindex_commands(sub)
     return parser
 
 
@@ -50,6 +53,42 @@ def add_export_command(sub) -> None:
     p.add_argument("--address", help="Ray address (default: the index's, RAY_ADDRESS, or local)")
     p.add_argument("--storage-options", help="fsspec storage options as a JSON object")
     p.set_defaults(handler=run_export)
+
+
+def add_reindex_commands(sub) -> None:
+    p = sub.add_parser("reindex", help="a new index version, recomputing only what changed")
+    add_index_flags(p)
+    p.add_argument("--keep", type=int, help="keep only the newest N versions (and their partials)")
+    p.add_argument("--full", action="store_true", help="index from scratch (needed after a change "
+                   "of layers, k, preprocessing or data source)")  # fmt: skip
+    p.set_defaults(handler=run_reindex)
+    h = sub.add_parser("history", help="one unit's top images in every version (Fig. 4 view)")
+    h.add_argument("out", help="the reindexed output folder or URL")
+    h.add_argument("--layer", required=True, help="dotted layer name")
+    h.add_argument("--unit", type=int, required=True, help="unit (channel) number")
+    h.add_argument("--storage-options", help="fsspec storage options as a JSON object")
+    h.set_defaults(handler=run_history)
+
+
+def run_reindex(args: argparse.Namespace) -> int:
+    from .reindex import reindex
+
+    keep, full = args.keep, args.full
+    flags = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("keep", "full")})
+    report = reindex(index_config(flags), keep=keep, full=full)
+    print(f"latest: {args.out or 'OUT'}/versions/{report['run_id']}  (OUT/LATEST updated)")
+    return 0
+
+
+def run_history(args: argparse.Namespace) -> int:
+    from .storage import Store
+    from .versions import history
+
+    table = history(Store(args.out, storage_options(args.storage_options)), args.layer, args.unit)
+    frame = table.to_pandas()
+    print(f"{args.layer} unit {args.unit}: top images in each version, oldest first")
+    print(frame.to_string(index=False))
+    return 0
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -95,11 +134,13 @@ def add_index_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local instance)")
     p.add_argument("--max-bad-fraction", type=float, help="fail above this share of bad images")
     p.add_argument("--decode-threads", type=int, help="decoding threads per actor (default 4)")
+    p.add_argument("--buffer", type=int, help="extra rows per unit kept per shard (default k)")
     p.add_argument("--storage-options", help="fsspec storage options as a JSON object")
 
 
 def index_config(args: argparse.Namespace) -> IndexConfig:
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    skip = ("command", "config", "handler")
+    flags = {k: v for k, v in vars(args).items() if k not in skip}
     return build_index_config(load_spec(args.config), flags)
 
 

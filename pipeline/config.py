@@ -46,6 +46,8 @@ class IndexConfig:
         None  # state-dict file/URL, a torchvision weights name, or None (seeded init)
     )
     k: int = 9  # images kept per unit
+    buffer: int | None = None  # extra rows per unit in each shard's partial (default k), so a
+    # reindex can drop removed images from a partial without recomputing the shard
     workers: int = 2  # CPU actors when the cluster has no GPU (one actor per GPU otherwise)
     batch_size: int = 32  # images per forward pass
     shard_size: int = 256  # images per shard (the unit of work, resume and retry)
@@ -65,6 +67,8 @@ class IndexConfig:
         _check_positive(self, "k", "batch_size", "shard_size", "workers", "decode_threads")
         if self.k > 10_000:
             raise ConfigError(f"--k must be at most 10000, got {self.k}")
+        if self.buffer is not None and not 0 <= self.buffer <= 10_000:
+            raise ConfigError(f"--buffer must be between 0 and 10000, got {self.buffer}")
         if not self.layers:
             raise ConfigError("no layers given; pass --layers a,b (dotted module names)")
         if len(set(self.layers)) != len(self.layers):
@@ -79,6 +83,11 @@ class IndexConfig:
                 f"--crop {pre.crop} must be between 1 and --resize {pre.resize}; "
                 "the crop is cut from the resized image"
             )
+
+    @property
+    def depth(self) -> int:
+        """Rows kept per unit in each shard's partial: k plus the buffer."""
+        return self.k + (self.k if self.buffer is None else self.buffer)
 
     def to_json(self) -> dict[str, Any]:
         """The config as plain JSON, without storage options (they may hold credentials)."""

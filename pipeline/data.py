@@ -2,8 +2,8 @@
 
 `image_id` is stable across runs: the path relative to the dataset root (forward slashes), or the
 URI exactly as a manifest writes it. Images are sorted by `image_id` and cut into consecutive
-shards of `shard_size`; a shard's key hashes its ids and file sizes, so a resumed run reuses a
-partial only for exactly the same images.
+shards of `shard_size`; a shard's key hashes its ids, file sizes and stamps (modification time or
+ETag, as the listing reports them), so a resumed run reuses a partial only for the same files.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class ImageRef:
     image_id: str  # stable id, the tie-breaker of every ordering
     uri: str  # local path or fsspec URL to read the bytes from
     size: int | None = None  # bytes, when the listing knows it
+    stamp: str | None = None  # modification time or ETag, when the listing knows it
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,16 @@ def _list_folder(fs: fsspec.AbstractFileSystem, root: str) -> list[ImageRef]:
         if info.get("type") != "file" or not path.lower().endswith(IMAGE_EXTENSIONS):
             continue
         image_id = posixpath.relpath(path, root)
-        refs.append(ImageRef(image_id, _uri(fs, path), info.get("size")))
+        refs.append(ImageRef(image_id, _uri(fs, path), info.get("size"), _stamp(info)))
     return refs
+
+
+def _stamp(info: dict) -> str | None:
+    """What changes when a file is rewritten: its ETag on object stores, else its mtime."""
+    for key in ("ETag", "etag", "mtime", "LastModified", "last_modified", "updated", "created"):
+        if info.get(key) is not None:
+            return str(info[key]).strip('"')
+    return None
 
 
 def _uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -109,9 +118,16 @@ def plan_shards(refs: list[ImageRef], shard_size: int) -> list[Shard]:
     return shards
 
 
+def shard_of(refs: list[ImageRef] | tuple[ImageRef, ...], prefix: str) -> Shard:
+    """A shard of exactly these refs (sorted by image_id), keyed `<prefix>-<digest>`."""
+    chunk = tuple(sorted(refs, key=lambda r: r.image_id))
+    return Shard(f"{prefix}-{data_fingerprint(chunk)[:16]}", chunk)
+
+
 def data_fingerprint(refs: list[ImageRef] | tuple[ImageRef, ...]) -> str:
-    """sha256 over every (image_id, size): changes when an image is added, removed or resized."""
+    """sha256 over every (image_id, size, stamp): changes when an image is added, removed or
+    rewritten."""
     digest = hashlib.sha256()
     for ref in refs:
-        digest.update(f"{ref.image_id}\0{ref.size}\n".encode())
+        digest.update(f"{ref.image_id}\0{ref.size}\0{ref.stamp}\n".encode())
     return digest.hexdigest()

@@ -49,6 +49,10 @@ class Progress:
             f"reduce {timings['reduce_seconds']:.1f} s)"
         )
 
+    def say(self, line: str) -> None:
+        """One line of its own (a summary), unless quiet."""
+        self._write(line)
+
     def _write(self, line: str, redraw: bool = False) -> None:
         if self.quiet:
             return

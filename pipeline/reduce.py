@@ -42,15 +42,16 @@ def merge_partials(store: Store, records: list[dict[str, Any]], k: int) -> pa.Ta
     return conform(state, "index")
 
 
-def write_images(store: Store, records: list[dict[str, Any]]) -> tuple[int, int]:
-    """Stream every shard's images table into images.parquet and errors.parquet; return counts."""
+def write_images(root: Store, records: list[dict[str, Any]], target: Store) -> tuple[int, int]:
+    """Stream every shard's images table (partials under `root`) into images.parquet and
+    errors.parquet under `target`; return (images, bad images)."""
     total = bad = 0
     with (
-        store.parquet_writer("images.parquet", schema("images")) as images,
-        store.parquet_writer("errors.parquet", schema("errors")) as errors,
+        target.parquet_writer("images.parquet", schema("images")) as images,
+        target.parquet_writer("errors.parquet", schema("errors")) as errors,
     ):
         for record in records:
-            table = conform(partials.read_table(store, record, "images"), "images")
+            table = conform(partials.read_table(root, record, "images"), "images")
             images.write_table(table)
             failed = table.filter(pc.is_valid(table["error"]))
             errors.write_table(conform(failed.select(["image_id", "uri", "error"]), "errors"))

@@ -17,6 +17,7 @@ import platform
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch
 
 from . import __version__, partials
 from .config import IndexConfig
-from .data import Shard, data_fingerprint, list_images, plan_shards
+from .data import ImageRef, Shard, data_fingerprint, list_images, plan_shards
 from .errors import ConfigError, DataError, NinebestError, WorkerError
 from .hooks import probe
 from .models import load_model, resolve_layers
@@ -49,6 +50,7 @@ class Plan:
     run_fingerprint: str
     data_fingerprint: str
     shapes: dict[str, tuple[int, ...]]  # layer -> (C,) or (C, H, W)
+    refs: list[ImageRef]  # every listed image, sorted by image_id
     shards: list[Shard]
 
 
@@ -62,7 +64,7 @@ def plan(cfg: IndexConfig) -> Plan:
         raise DataError(f"--data {cfg.data!r} holds no images (looked for common image extensions)")
     run_fp = run_fingerprint(cfg, loaded.fingerprint)
     shards = plan_shards(refs, cfg.shard_size)
-    return Plan(cfg, loaded.fingerprint, run_fp, data_fingerprint(refs), shapes, shards)
+    return Plan(cfg, loaded.fingerprint, run_fp, data_fingerprint(refs), shapes, refs, shards)
 
 
 def run_fingerprint(cfg: IndexConfig, model_fingerprint: str) -> str:
@@ -72,6 +74,7 @@ def run_fingerprint(cfg: IndexConfig, model_fingerprint: str) -> str:
         "weights": model_fingerprint,
         "layers": list(cfg.layers),
         "k": cfg.k,
+        "depth": cfg.depth,
         "preprocess": cfg.to_json()["preprocess"],
         "data": cfg.data,
         "schemas": VERSIONS,
@@ -102,34 +105,51 @@ def check_out(store: Store, p: Plan) -> None:
 def index(cfg: IndexConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Run the whole index job; return the manifest written to OUT/manifest.json."""
     started = time.time()
-    progress = progress or Progress()
     p = plan(cfg)
     store = Store(cfg.out, cfg.storage_options)
     check_out(store, p)
     store.write_json(RUN_FILE, {"run": p.run_fingerprint, "config": cfg.to_json()})
-    records = {s.key: partials.read_commit(store, s.key, p.run_fingerprint) for s in p.shards}
-    todo = [s for s in p.shards if records[s.key] is None]
-    progress.start(len(p.shards), len(p.shards) - len(todo))
+    return execute(p, store, store, p.shards, progress or Progress(), started)
+
+
+def execute(
+    p: Plan,
+    root: Store,
+    target: Store,
+    shards: list[Shard],
+    progress: Progress,
+    started: float,
+    on_shard: Callable[[], None] = lambda: None,
+) -> dict[str, Any]:
+    """Map the shards not yet committed under `root`, reduce all of them into `target`.
+
+    `on_shard` runs after every finished shard (the reindex lock's heartbeat).
+    """
+    records = {s.key: partials.read_commit(root, s.key, p.run_fingerprint) for s in shards}
+    todo = [s for s in shards if records[s.key] is None]
+    progress.start(len(shards), len(shards) - len(todo))
     map_started = time.time()
     if todo:
-        with ray_session(cfg.address):
+        with ray_session(p.cfg.address):
             for record in map_shards(p, todo):
                 records[record["shard"]] = record
                 progress.shard_done(record)
+                on_shard()
     map_seconds = time.time() - map_started
-    ordered = [records[s.key] for s in p.shards]
+    ordered = [records[s.key] for s in shards]
     reduce_started = time.time()
-    total, bad = write_images(store, ordered)
-    check_bad_fraction(cfg, store, total, bad)
-    index_table = merge_partials(store, ordered, cfg.k)
-    files = write_index(store, index_table, cfg.layers)
-    manifest = _manifest(p, store, ordered, files, index_table.num_rows, total, bad)
+    total, bad = write_images(root, ordered, target)
+    check_bad_fraction(p.cfg, target, total, bad)
+    index_table = merge_partials(root, ordered, p.cfg.k)
+    files = write_index(target, index_table, p.cfg.layers)
+    manifest = _manifest(p, ordered, files, index_table.num_rows, total, bad)
+    manifest["counts"]["computed_shards"] = len(todo)
     manifest["timings"] = {
         "map_seconds": round(map_seconds, 3),
         "reduce_seconds": round(time.time() - reduce_started, 3),
         "total_seconds": round(time.time() - started, 3),
     }
-    store.write_json(MANIFEST, manifest)
+    target.write_json(MANIFEST, manifest)
     progress.finish(manifest)
     return manifest
 
@@ -143,7 +163,7 @@ def check_bad_fraction(cfg: IndexConfig, store: Store, total: int, bad: int) -> 
         )
 
 
-def _manifest(p: Plan, store: Store, records, files, rows: int, total: int, bad: int) -> dict:
+def _manifest(p: Plan, records, files, rows: int, total: int, bad: int) -> dict:
     return {
         "ninebest_version": __version__,
         "run": p.run_fingerprint,

@@ -32,11 +32,16 @@ class Store:
 
     def __init__(self, url: str, storage_options: dict | None = None):
         self.url = url.rstrip("/") or url
-        self.fs, self.root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        self.storage_options = storage_options or {}
+        self.fs, self.root = fsspec.core.url_to_fs(url, **self.storage_options)
         self.root = self.root.rstrip("/")
         self.local = isinstance(self.fs, LocalFileSystem)
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         self.uploads = bool(UPLOAD_STORES & set(protocols))
+
+    def child(self, rel: str) -> Store:
+        """The Store rooted at `rel` below this one."""
+        return Store(f"{self.url}/{rel}", self.storage_options)
 
     def path(self, rel: str) -> str:
         return posixpath.join(self.root, rel) if rel else self.root

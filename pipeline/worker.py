@@ -77,7 +77,8 @@ class ShardIndexer:
     def index_shard(self, shard: Shard, units: dict[str, int]) -> dict[str, Any]:
         """Index one shard and commit its partial; return the commit record."""
         start = time.perf_counter()
-        topks = {name: RunningTopK(units[name], self.cfg.k, self.device) for name in self.layers}
+        depth = self.cfg.depth
+        topks = {name: RunningTopK(units[name], depth, self.device) for name in self.layers}
         loaded: list[Loaded] = []
         with torch.inference_mode(), Capture(self.model, self.layers) as capture:
             for batch in _batched(self._load_all(shard.refs), self.cfg.batch_size, loaded):
@@ -104,7 +105,7 @@ class ShardIndexer:
         attempt = partials.new_attempt()
         return partials.write(
             self.store, shard.key, attempt, self.run_fingerprint, topk_table,
-            _images_table(loaded), report,
+            _images_table(loaded, shard.key), report,
         )  # fmt: skip
 
     def _to_device(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -157,15 +158,17 @@ def _batched(stream: Iterator[Loaded], size: int, seen: list[Loaded]) -> Iterato
         yield batch
 
 
-def _images_table(loaded: list[Loaded]) -> pa.Table:
+def _images_table(loaded: list[Loaded], shard_key: str) -> pa.Table:
     return pa.table(
         {
             "image_id": [item.ref.image_id for item in loaded],
             "uri": [item.ref.uri for item in loaded],
+            "stamp": pa.array([item.ref.stamp for item in loaded], pa.string()),
             "image_hash": [item.image_hash for item in loaded],
             "bytes": pa.array([item.nbytes for item in loaded], pa.int64()),
             "height": pa.array([item.height for item in loaded], pa.int32()),
             "width": pa.array([item.width for item in loaded], pa.int32()),
             "error": pa.array([item.error for item in loaded], pa.string()),
+            "shard": [shard_key] * len(loaded),
         }
     )

@@ -25,11 +25,13 @@ def images_table(ids: list[str], error: str | None = None) -> pa.Table:
     return pa.table(
         {
             "image_id": ids, "uri": [f"/d/{i}" for i in ids],
+            "stamp": pa.array([None] * n, pa.string()),
             "image_hash": [None if error else f"h{i}" for i in ids],
             "bytes": pa.array([None if error else 10] * n, pa.int64()),
             "height": pa.array([None if error else 5] * n, pa.int32()),
             "width": pa.array([None if error else 5] * n, pa.int32()),
             "error": pa.array([error] * n, pa.string()),
+            "shard": ["s"] * n,
         }
     )  # fmt: skip
 
@@ -69,7 +71,7 @@ def test_reduce_equals_merge_and_counts_errors(store):
     index = merge_partials(store, [r1, r2, r3], k=2)
     expected = merge([topk_table(["a", "b"], [1.0, 5.0]), topk_table(["c", "d"], [3.0, 5.0])], 2)
     assert index["image_id"].to_pylist() == expected["image_id"].to_pylist() == ["b", "d"]
-    assert write_images(store, [r1, r2, r3]) == (5, 1)
+    assert write_images(store, [r1, r2, r3], store) == (5, 1)
     assert store.read_parquet("errors.parquet")["image_id"].to_pylist() == ["e"]
     assert write_index(store, index, ("l", "empty")) == ["index/l.parquet", "index/empty.parquet"]
     assert store.read_parquet("index/empty.parquet").num_rows == 0

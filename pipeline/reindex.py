@@ -1,0 +1,263 @@
+"""`ninebest reindex`: a new immutable version of the index, recomputing only what changed.
+
+The index is always the exact merge of per-shard partials, and each partial keeps `depth` rows
+per unit (k plus a buffer). Against the previous version (LATEST, or a plain `index` run):
+
+- unchanged shard: its partial is reused as it is;
+- shard that lost images (removed, or rewritten, by listing stamp and size): its partial minus
+  those images is still exact for a unit if at least min(k, images left) rows remain, so a
+  *derived* partial is written without reading a pixel; otherwise the shard is recomputed;
+- new and rewritten images: new shards.
+
+Changed weights mean a full index; changed layers, k, buffer, preprocessing or data source need
+`--full`. The result always equals a from-scratch index of today's data (tests/test_reindex.py).
+A lock keeps two runs off one OUT; a killed run leaves LATEST on the previous version and a rerun
+resumes from the committed partials.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from . import partials, versions
+from .config import IndexConfig
+from .data import ImageRef, Shard, shard_of
+from .errors import ConfigError
+from .progress import Progress
+from .run import RUN_FILE, Plan, check_out, execute, plan
+from .storage import Store
+from .topk import merge
+
+COMPARED = ("model", "layers", "k", "buffer", "preprocess", "data")  # need --full to change
+
+
+@dataclass
+class Delta:
+    """How today's listing differs from the previous version's images."""
+
+    new: list[ImageRef] = field(default_factory=list)
+    changed: list[ImageRef] = field(default_factory=list)
+    removed: set[str] = field(default_factory=set)
+    unchanged: int = 0
+
+
+def reindex(
+    cfg: IndexConfig, keep: int | None = None, full: bool = False, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Write a new version under OUT/versions/ and move LATEST to it; return the run report."""
+    started = time.time()
+    progress = progress or Progress()
+    if keep is not None and keep < 1:
+        raise ConfigError(f"--keep must be at least 1, got {keep}")
+    p = plan(cfg)
+    root = Store(cfg.out, cfg.storage_options)
+    if versions.previous(root) is None:
+        check_out(root, p)  # an empty OUT, or a refusal to write among foreign files
+    with versions.Lock(root) as lock:
+        prev = versions.previous(root)
+        mode = decide(p, prev, full)
+        if mode == "incremental":
+            delta = compare(p, prev[0])
+            shards, counts = incremental_shards(p, prev, delta, root)
+        else:
+            delta, counts = Delta(new=list(p.refs)), {"shards_reused": 0, "shards_derived": 0}
+            shards = p.shards
+        root.write_json(RUN_FILE, {"run": p.run_fingerprint, "config": cfg.to_json()})
+        run_id = versions.new_run_id()
+        target = versions.version(root, run_id)
+        manifest = execute(p, root, target, shards, progress, started, lock.heartbeat)
+        report = write_report(target, run_id, prev, mode, delta, counts, manifest, started)
+        versions.set_latest(root, run_id)
+        if keep:
+            report["pruned"] = versions.prune(root, keep)
+    progress.say(summary_line(report))
+    return report
+
+
+def decide(p: Plan, prev: tuple[Store, dict] | None, full: bool) -> str:
+    """'full' or 'incremental'; refuses a changed config unless --full."""
+    if prev is None or full:
+        return "full"
+    old = prev[1]["config"]
+    new = json.loads(json.dumps(p.cfg.to_json()))  # tuples as the manifest stores them
+    differ = [key for key in COMPARED if old.get(key) != new.get(key)]
+    if differ:
+        raise ConfigError(
+            f"this reindex changes {', '.join(differ)} against the previous version of "
+            f"{p.cfg.out!r}; pass --full to index from scratch with the new settings"
+        )
+    if prev[1]["model"]["fingerprint"] != p.model_fingerprint:
+        return "full"  # retrained weights: every activation changes
+    return "incremental"
+
+
+def compare(p: Plan, prev: Store) -> Delta:
+    """Classify today's images against the previous version's images table."""
+    images = prev.read_parquet("images.parquet").select(["image_id", "stamp", "bytes"]).to_pylist()
+    before = {row["image_id"]: row for row in images}
+    delta = Delta(removed=set(before) - {ref.image_id for ref in p.refs})
+    for ref in p.refs:
+        row = before.get(ref.image_id)
+        if row is None:
+            delta.new.append(ref)
+        elif row["stamp"] != ref.stamp or row["bytes"] not in (None, ref.size):
+            delta.changed.append(ref)
+        else:
+            delta.unchanged += 1
+    return delta
+
+
+def incremental_shards(p: Plan, prev: tuple[Store, dict], delta: Delta, root: Store):
+    """Shards of the new version: reused, derived (written here), recomputed, and new ones."""
+    gone = delta.removed | {ref.image_id for ref in delta.changed}
+    today = {ref.image_id: ref for ref in p.refs}
+    members = _members(prev[0])
+    shards, counts = [], {"shards_reused": 0, "shards_derived": 0}
+    for entry in prev[1]["shards"]:
+        record = {"shard": entry["key"], "attempt": entry["attempt"]}
+        ids = members.get(record["shard"], [])
+        if not gone.intersection(ids):
+            shards.append(Shard(record["shard"], tuple(today[i] for i in ids)))
+            counts["shards_reused"] += 1
+            continue
+        left = [today[i] for i in ids if i not in gone]
+        if not left:
+            continue
+        shard = shard_of(left, "d")
+        if derive(p, root, record, shard, gone):
+            counts["shards_derived"] += 1
+        shards.append(shard)  # recomputed by the map stage unless derived
+    fresh = sorted(delta.new + delta.changed, key=lambda r: r.image_id)
+    for n, start in enumerate(range(0, len(fresh), p.cfg.shard_size)):
+        shards.append(shard_of(fresh[start : start + p.cfg.shard_size], f"n{n:05d}"))
+    return shards, counts
+
+
+def _members(prev: Store) -> dict[str, list[str]]:
+    table = prev.read_parquet("images.parquet").select(["image_id", "shard"])
+    members: dict[str, list[str]] = defaultdict(list)
+    for image_id, shard in zip(
+        table["image_id"].to_pylist(), table["shard"].to_pylist(), strict=True
+    ):
+        members[shard].append(image_id)
+    return members
+
+
+def derive(p: Plan, root: Store, record: dict, shard: Shard, gone: set[str]) -> bool:
+    """Commit `shard`'s partial as the previous partial minus `gone`, if that is still exact."""
+    if partials.read_commit(root, shard.key, p.run_fingerprint) is not None:
+        return True  # committed by an earlier, interrupted run of this reindex
+    topk = partials.read_table(root, record, "topk")
+    images = partials.read_table(root, record, "images")
+    keep = pa.array([i not in gone for i in topk["image_id"].to_pylist()], pa.bool_())
+    topk = topk.filter(keep)
+    images = images.filter(pa.array([i not in gone for i in images["image_id"].to_pylist()]))
+    good = images["error"].null_count  # images indexed (no error)
+    need = min(p.cfg.k, good)
+    if need and not _deep_enough(topk, p.shapes, need):
+        return False
+    images = images.set_column(
+        images.schema.get_field_index("shard"), "shard", pa.array([shard.key] * images.num_rows)
+    )
+    report = {
+        "images": images.num_rows,
+        "indexed": good,
+        "bad": images.num_rows - good,
+        "rows": topk.num_rows,
+        "derived_from": record["shard"],
+    }
+    topk = merge([topk], p.cfg.depth)  # re-rank 1..n within the shard
+    partials.write(root, shard.key, partials.new_attempt(), p.run_fingerprint, topk, images, report)
+    return True
+
+
+def _deep_enough(topk: pa.Table, shapes: dict[str, tuple[int, ...]], need: int) -> bool:
+    """Every unit of every layer keeps at least `need` rows."""
+    counts = topk.group_by(["layer", "unit"]).aggregate([("rank", "count")])
+    columns = (counts[c].to_pylist() for c in ("layer", "unit", "rank_count"))
+    have = {(layer, unit): n for layer, unit, n in zip(*columns, strict=True)}
+    return all(
+        have.get((layer, unit), 0) >= need
+        for layer, shape in shapes.items()
+        for unit in range(shape[0])
+    )
+
+
+def drift(prev: Store, target: Store, layers: tuple[str, ...]) -> pa.Table:
+    """Units whose top-k changed: layer, unit, entered and left image ids."""
+    rows = []
+    for layer in layers:
+        old = _top_lists(prev, layer)
+        new = _top_lists(target, layer)
+        for unit in sorted(set(old) | set(new)):
+            if old.get(unit) != new.get(unit):
+                before, after = old.get(unit, []), new.get(unit, [])
+                entered = [i for i in after if i not in before]
+                left = [i for i in before if i not in after]
+                rows.append({"layer": layer, "unit": unit, "entered": entered, "left": left})
+    schema = pa.schema(
+        [
+            ("layer", pa.string()),
+            ("unit", pa.int32()),
+            ("entered", pa.list_(pa.string())),
+            ("left", pa.list_(pa.string())),
+        ]
+    )
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _top_lists(store: Store, layer: str) -> dict[int, list[str]]:
+    rel = f"index/{layer}.parquet"
+    if not store.exists(rel):
+        return {}
+    table = store.read_parquet(rel).sort_by([("unit", "ascending"), ("rank", "ascending")])
+    lists: dict[int, list[str]] = defaultdict(list)
+    for unit, image_id in zip(
+        table["unit"].to_pylist(), table["image_id"].to_pylist(), strict=True
+    ):
+        lists[unit].append(image_id)
+    return lists
+
+
+def write_report(target, run_id, prev, mode, delta, counts, manifest, started) -> dict[str, Any]:
+    """report.parquet (one row) and drift.parquet in the version; return the report."""
+    drifted = drift(prev[0], target, tuple(manifest["layers"])) if prev else None
+    seconds = time.time() - started
+    processed = manifest["counts"]["computed_shards"]
+    report = {
+        "run_id": run_id,
+        "previous": prev[1]["run"] if prev else None,
+        "mode": mode,
+        "images": manifest["counts"]["images"],
+        "images_new": len(delta.new),
+        "images_changed": len(delta.changed),
+        "images_removed": len(delta.removed),
+        "images_unchanged": delta.unchanged,
+        "shards": manifest["counts"]["shards"],
+        "shards_reused": counts["shards_reused"],
+        "shards_derived": counts["shards_derived"],
+        "shards_computed": processed,
+        "units_drifted": drifted.num_rows if drifted is not None else 0,
+        "seconds": round(seconds, 3),
+        "map_seconds": manifest["timings"]["map_seconds"],
+    }
+    target.write_parquet("report.parquet", pa.Table.from_pylist([report]))
+    if drifted is not None:
+        target.write_parquet("drift.parquet", drifted)
+    return report
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    return (
+        f"reindex {report['run_id']} ({report['mode']}): {report['images']} images, "
+        f"{report['images_new']} new, {report['images_changed']} changed, "
+        f"{report['images_removed']} removed; shards {report['shards_reused']} reused, "
+        f"{report['shards_derived']} derived, {report['shards_computed']} computed; "
+        f"{report['units_drifted']} units' top-k changed; {report['seconds']:.1f} s"
+    )

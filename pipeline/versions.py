@@ -1,0 +1,148 @@
+"""Versioned outputs of `ninebest reindex`: immutable versions, LATEST, a lock, pruning, history.
+
+    OUT/versions/<run-id>/   one complete index (index/, images, errors, manifest, report, drift)
+    OUT/LATEST               the run id of the newest complete version, replaced atomically last
+    OUT/_LOCK                held by the running reindex; expires if its owner dies
+    OUT/partials/            per-shard partials shared by every version (see partials.py)
+
+Run ids sort by time (`20261125T031500Z-1a2b3c`), so version order is name order. A version is
+complete once its manifest.json exists; readers follow LATEST and never see a half version.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import partials
+from .errors import DataError
+from .storage import Store
+
+ROOT = "versions"
+LATEST = "LATEST"
+LOCK = "_LOCK"
+MANIFEST = "manifest.json"
+LOCK_TTL = 15 * 60  # seconds a lock lives without a heartbeat
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def version(store: Store, run_id: str) -> Store:
+    return store.child(posixpath.join(ROOT, run_id))
+
+
+def latest(store: Store) -> str | None:
+    if not store.exists(LATEST):
+        return None
+    return store.read_bytes(LATEST).decode().strip() or None
+
+
+def set_latest(store: Store, run_id: str) -> None:
+    store.write_bytes(LATEST, f"{run_id}\n".encode())
+
+
+def complete(store: Store) -> list[str]:
+    """Run ids of complete versions, oldest first."""
+    return [r for r in store.listdir(ROOT) if store.exists(f"{ROOT}/{r}/{MANIFEST}")]
+
+
+def previous(store: Store) -> tuple[Store, dict[str, Any]] | None:
+    """The newest complete output under OUT: the LATEST version, else a plain `index` run."""
+    run_id = latest(store)
+    if run_id is not None:
+        target = version(store, run_id)
+        return target, target.read_json(MANIFEST)
+    if store.exists(MANIFEST):
+        return store, store.read_json(MANIFEST)
+    return None
+
+
+@dataclass
+class Lock:
+    """An expiring lock file: a second reindex on the same OUT refuses while the first lives."""
+
+    store: Store
+    ttl: float = LOCK_TTL
+    owner: str = field(
+        default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    )
+
+    def __enter__(self) -> Lock:
+        if self.store.exists(LOCK):
+            held = self.store.read_json(LOCK)
+            if held.get("expires", 0) > time.time():
+                until = time.strftime("%H:%M:%S", time.localtime(held["expires"]))
+                raise DataError(
+                    f"another reindex holds {self.store.url!r} (owner {held.get('owner')}, since "
+                    f"{held.get('since')}); wait for it, or remove {LOCK} if that run is dead "
+                    f"(it expires by itself at {until})"
+                )
+        self.since = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.heartbeat()
+        return self
+
+    def heartbeat(self) -> None:
+        record = {"owner": self.owner, "since": self.since, "expires": time.time() + self.ttl}
+        self.store.write_json(LOCK, record)
+        if self.store.read_json(LOCK).get("owner") != self.owner:
+            raise DataError(f"another reindex took the lock on {self.store.url!r}; this run stops")
+
+    def __exit__(self, *exc) -> None:
+        if self.store.exists(LOCK) and self.store.read_json(LOCK).get("owner") == self.owner:
+            self.store.remove(LOCK)
+
+
+def prune(store: Store, keep: int) -> list[str]:
+    """Delete all but the newest `keep` complete versions (never LATEST) and half-written ones,
+    then the partial attempts no remaining version uses; return the removed run ids."""
+    current = latest(store)
+    done = complete(store)
+    kept = set(done[-keep:]) | ({current} if current else set())
+    removed = [r for r in store.listdir(ROOT) if r not in kept]
+    for run_id in removed:
+        store.remove(f"{ROOT}/{run_id}")
+    used: dict[str, set[str]] = {}
+    for target in [version(store, r) for r in sorted(kept)] + (
+        [store] if store.exists(MANIFEST) else []
+    ):
+        for shard in target.read_json(MANIFEST)["shards"]:
+            used.setdefault(shard["key"], set()).add(shard["attempt"])
+    for key in store.listdir(partials.ROOT):
+        if key not in used:
+            store.remove(f"{partials.ROOT}/{key}")
+            continue
+        for attempt in store.listdir(f"{partials.ROOT}/{key}"):
+            if attempt != partials.COMMIT and attempt not in used[key]:
+                store.remove(f"{partials.ROOT}/{key}/{attempt}")
+    return removed
+
+
+def history(store: Store, layer: str, unit: int) -> pa.Table:
+    """One unit's top-k in every complete version, oldest first: version, rank, activation, ..."""
+    tables = []
+    for run_id in complete(store):
+        rel = f"{ROOT}/{run_id}/index/{layer}.parquet"
+        if not store.exists(rel):
+            continue
+        rows = store.read_parquet(rel)
+        rows = rows.filter(pc.equal(rows["unit"], unit))
+        tables.append(
+            rows.append_column("version", pa.array([run_id] * rows.num_rows, pa.string()))
+        )
+    if not tables:
+        raise DataError(
+            f"no version under {store.url!r} indexes layer {layer!r}; "
+            "run `ninebest reindex` first, or check --layer"
+        )
+    table = pa.concat_tables(tables)
+    return table.select(["version", "rank", "activation", "image_id", "y", "x"])
