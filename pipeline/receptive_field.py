@@ -81,7 +81,7 @@ class ReceptiveField:
     )  # exact, per axis, per unit
 
     def box(self, y: int, x: int) -> tuple[int, int, int, int]:
-        """Half-open (top, left, bottom, right) input-pixel box of unit (y, x), clipped to the image."""
+        """Half-open (top, left, bottom, right) of unit (y, x), clipped to the image."""
         (h, w), (height, width) = self.output_size, self.input_size
         if not (0 <= y < h and 0 <= x < w):
             raise DataError(
@@ -189,6 +189,17 @@ class _Walk(fx.Interpreter):
             self.fields[n] = self._derive(n, op, inputs, args, kwargs, out)
         return value
 
+    def call_module(self, target, args, kwargs):
+        module = self.fetch_attr(target)
+        state = dict(module.named_parameters()) | dict(module.named_buffers())
+        return torch.func.functional_call(
+            module, {k: v.to("meta") for k, v in state.items()}, args, kwargs
+        )
+
+    def get_attr(self, target, args, kwargs):
+        value = super().get_attr(target, args, kwargs)
+        return value.to("meta") if isinstance(value, torch.Tensor) else value
+
     def _derive(self, n, op, inputs: list[_Field], args, kwargs, out: torch.Tensor) -> _Field:
         if all(f.dims is None for f in inputs):
             return self._global(inputs)
@@ -246,15 +257,14 @@ class _Walk(fx.Interpreter):
 
 
 def _walk(model: nn.Module, graph: fx.Graph, size: tuple[int, int]) -> dict[fx.Node, _Field]:
-    """Run `graph` on a zero image of `size` and return the field of every tensor node."""
+    """Run `graph` on a meta-device image of `size` and return the field of every tensor node."""
     param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    image = torch.zeros(1, conv.in_channels if conv else 3, *size, device=device, dtype=dtype)
+    image = torch.zeros(1, conv.in_channels if conv else 3, *size, device="meta", dtype=dtype)
     walker = _Walk(fx.GraphModule(model, graph), size)
     try:
-        walker.run(image)  # (1, C, H, W)
+        walker.run(image)  # (1, C, H, W), shapes only: nothing is computed
     except RuntimeError as e:
         raise ConfigError(f"{type(model).__name__} cannot run on a {size} input ({e})") from e
     return walker.fields

@@ -15,7 +15,8 @@ from pathlib import Path
 import pyarrow as pa
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
-VERSIONS = {"index": 1, "partial": 1, "images": 1, "errors": 1}  # what this code writes
+# what this code writes
+VERSIONS = {"index": 1, "partial": 1, "images": 1, "errors": 1, "export": 1}
 
 
 @functools.cache

@@ -130,6 +130,7 @@ def test_changed_settings_need_full_and_new_weights_force_it(data, tmp_path):
         reindex(config(data, out, k=4), progress=QUIET)
     assert reindex(config(data, out, k=4), full=True, progress=QUIET)["mode"] == "full"
     import torch
+
     from tiny_models import Tiny
 
     torch.manual_seed(7)
