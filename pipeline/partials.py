@@ -14,10 +14,12 @@ from typing import Any
 
 import pyarrow as pa
 
+from .errors import DataError
 from .schemas import conform
 from .storage import Store
 
 ROOT = "partials"
+RUN_KEY = b"ninebest.run"  # Parquet metadata: the run fingerprint that wrote the partial
 COMMIT = "_COMMIT.json"
 
 
@@ -36,8 +38,11 @@ def write(
 ) -> dict[str, Any]:
     """Write one attempt's tables, then its commit record; return the record."""
     folder = posixpath.join(ROOT, shard_key, attempt)
-    store.write_parquet(f"{folder}/topk.parquet", conform(topk, "partial"))
-    store.write_parquet(f"{folder}/images.parquet", conform(images, "images"))
+    stamp = {RUN_KEY: run_fingerprint.encode()}
+    for name, table, schema_name in (("topk", topk, "partial"), ("images", images, "images")):
+        table = conform(table, schema_name)
+        table = table.replace_schema_metadata({**table.schema.metadata, **stamp})
+        store.write_parquet(f"{folder}/{name}.parquet", table)
     record = {**report, "shard": shard_key, "attempt": attempt, "run": run_fingerprint}
     store.write_json(posixpath.join(ROOT, shard_key, COMMIT), record)
     return record
@@ -57,6 +62,12 @@ def read_commit(store: Store, shard_key: str, run_fingerprint: str) -> dict[str,
 def read_table(store: Store, record: dict[str, Any], table: str) -> pa.Table:
     """Read the committed attempt's `topk` or `images` table."""
     assert table in ("topk", "images"), table
-    return store.read_parquet(
-        posixpath.join(ROOT, record["shard"], record["attempt"], f"{table}.parquet")
-    )
+    rel = posixpath.join(ROOT, record["shard"], record["attempt"], f"{table}.parquet")
+    data = store.read_parquet(rel)
+    written_by = (data.schema.metadata or {}).get(RUN_KEY, b"").decode()
+    if written_by != record["run"]:
+        raise DataError(
+            f"partial {store.uri(rel)} was written by run {written_by[:12] or '?'}, not by this "
+            f"run ({record['run'][:12]}); remove {store.uri(posixpath.dirname(rel))} and rerun"
+        )
+    return data

@@ -120,7 +120,7 @@ def incremental_shards(p: Plan, prev: tuple[Store, dict], delta: Delta, root: St
     members = _members(prev[0])
     shards, counts = [], {"shards_reused": 0, "shards_derived": 0}
     for entry in prev[1]["shards"]:
-        record = {"shard": entry["key"], "attempt": entry["attempt"]}
+        record = {"shard": entry["key"], "attempt": entry["attempt"], "run": prev[1]["run"]}
         ids = members.get(record["shard"], [])
         if not gone.intersection(ids):
             shards.append(Shard(record["shard"], tuple(today[i] for i in ids)))

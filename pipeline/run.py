@@ -16,7 +16,6 @@ import os
 import platform
 import sys
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,16 +26,16 @@ import torch
 from . import __version__, partials
 from .config import IndexConfig
 from .data import ImageRef, Shard, data_fingerprint, list_images, plan_shards
-from .errors import ConfigError, DataError, NinebestError, WorkerError
+from .errors import ConfigError, DataError
 from .hooks import probe
 from .models import load_model, resolve_layers
+from .pool import Pool
 from .progress import Progress
 from .reduce import merge_partials, write_images, write_index
 from .schemas import VERSIONS
 from .storage import Store
 from .worker import ShardIndexer
 
-MAX_ATTEMPTS = 3  # per shard, across actor deaths and unexpected errors
 RUN_FILE = "run.json"
 MANIFEST = "manifest.json"
 
@@ -240,58 +239,19 @@ def _import_paths() -> list[str]:
 def map_shards(p: Plan, todo: list[Shard]):
     """Run `todo` on an actor pool; yield each shard's commit record as it finishes."""
     units = {name: shape[0] for name, shape in p.shapes.items()}
-    actors = _start_actors(p, len(todo))
-    queue = deque((shard, 1) for shard in todo)
-    running: dict[ray.ObjectRef, tuple[Shard, int, Any]] = {}
-
-    def submit(actor) -> None:
-        if queue:
-            shard, attempt = queue.popleft()
-            running[actor.index_shard.remote(shard, units)] = (shard, attempt, actor)
-
-    for actor in actors:
-        submit(actor)
-    while running:
-        [done], _ = ray.wait(list(running), num_returns=1)
-        shard, attempt, actor = running.pop(done)
-        try:
-            yield ray.get(done)
-        except ray.exceptions.RayActorError as e:
-            _retry_or_raise(queue, shard, attempt, e)
-        except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, NinebestError):
-                raise e.cause from None
-            _retry_or_raise(queue, shard, attempt, e)
-        submit(actor)
-    for actor in actors:
-        ray.kill(actor)
-
-
-def _retry_or_raise(queue: deque, shard: Shard, attempt: int, error: Exception) -> None:
-    init_failed = getattr(error, "actor_init_failed", False)
-    if init_failed or attempt >= MAX_ATTEMPTS:
-        detail = str(error).strip().splitlines()[-1][:300]
-        why = (
-            "a worker failed to start"
-            if init_failed
-            else f"shard {shard.key} failed {attempt} times"
+    args = (p.cfg, p.run_fingerprint, p.model_fingerprint)
+    with Pool(ShardIndexer, args, p.cfg.workers, p.cfg.decode_threads, len(todo)) as pool:
+        yield from pool.map(
+            "index_shard", todo, call=lambda s: (s, units), name=lambda s: f"shard {s.key}"
         )
-        raise WorkerError(f"{why}: {detail}") from error
-    queue.appendleft((shard, attempt + 1))
 
 
-def _start_actors(p: Plan, shards: int) -> list:
-    resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
-    if gpus >= 1:
-        count = min(gpus, shards)
-        options = {"num_gpus": 1, "num_cpus": max(1, min(p.cfg.decode_threads, cpus // count))}
-    else:
-        count = min(p.cfg.workers, shards)
-        options = {"num_cpus": max(1, cpus // count)}
-    actor_cls = ray.remote(ShardIndexer).options(max_restarts=MAX_ATTEMPTS, **options)
-    threads = options["num_cpus"]
-    return [
-        actor_cls.remote(p.cfg, p.run_fingerprint, p.model_fingerprint, threads)
-        for _ in range(count)
-    ]
+# TEMPORARY (removed when export.py moves to pool.Pool): names export.py still imports.
+from .pool import MAX_ATTEMPTS  # noqa: E402,F401
+
+
+def _retry_or_raise(queue, task, attempt: int, error: Exception) -> None:
+    from .pool import _give_up_if, _init_failed
+
+    _give_up_if(attempt, str(task), error, init_failed=_init_failed(error))
+    queue.appendleft((task, attempt + 1))

@@ -21,7 +21,7 @@ import fsspec
 import pyarrow as pa
 import torch
 
-from . import partials
+from . import faults, partials
 from .config import IndexConfig
 from .data import ImageRef, Shard
 from .errors import ConfigError
@@ -89,6 +89,7 @@ class ShardIndexer:
                 positions = positions.to(self.device, non_blocking=True)  # (B,)
                 for name, m in maxima.items():
                     topks[name].add(m.values, positions, m.ys, m.xs)
+                faults.after_batch()
         ids = [ref.image_id for ref in shard.refs]
         hashes = [None] * len(ids)
         for item in loaded:
