@@ -95,7 +95,7 @@ def test_driver_killed_midway_resumes(faulty_ray, photos, tmp_path):
 
 
 class FlakyFileSystem(MemoryFileSystem):
-    """Memory filesystem whose writes fail: the first `failures` writes raise after half the data."""
+    """Memory filesystem whose first `failures` writes raise after writing half their data."""
 
     protocol = "flaky"
     failures = 0
