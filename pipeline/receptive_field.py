@@ -1,9 +1,9 @@
 """Receptive fields of ConvNet layers, computed analytically from the traced module graph.
 
-`receptive_field(model, layer, input_size)` traces `model` with torch.fx (in eval mode), runs the
-graph once on a zero image to learn every tensor's shape, and walks it from the input to `layer`,
-composing per axis the kernel, stride, padding and dilation of every convolution and pooling.
-Branches that meet (residual additions, Inception concatenations) take the union of their paths.
+`receptive_field(model, layer, input_size)` traces `model` with torch.fx (in eval mode) and runs
+the graph once on meta tensors (shapes only, nothing is computed). Node by node it composes, per
+axis, the kernel, stride, padding and dilation of every convolution and pooling; where branches
+meet (residual additions, Inception concatenations) it takes the union of their paths.
 
 Coordinate convention: model-input pixels, per axis; y is the row axis, x the column axis.
 
@@ -13,11 +13,15 @@ Coordinate convention: model-input pixels, per axis; y is the row axis, x the co
   box of the pixels some path of the network connects to the unit. Inside the image it equals the
   clipped span; at the border it may be smaller, where the span reaches pixels only through an
   intermediate layer's zero padding. A unit that sees nothing but padding has an empty box
-  (``top == bottom`` or ``left == right``).
+  (``top == bottom`` or ``left == right``). Boxes are tracked per axis, so where branches merge
+  they are exact only if every unit of each branch sees some pixel (true unless a layer pads
+  beyond its kernel's reach, as no torchvision model does); otherwise they may be too large.
 * Layers without spatial dims (a Linear layer, anything after flatten or a mean over H and W) have
   one unit, y = x = 0, whose box holds every pixel the flattened map saw: the whole input
   ``(0, 0, H, W)`` for any usual network. They report ``size = stride = input_size`` and
-  ``padding = (0, 0)``, i.e. one tile covering the image, and ``output_size = (1, 1)``.
+  ``padding = (0, 0)``, i.e. one tile covering the image, and ``output_size = (1, 1)``. A map
+  pooled down to 1x1 (SqueezeNet's classifier) keeps its spatial form: one unit whose span covers
+  the input.
 
 Policies: a module called several times (ResNet blocks reuse one ReLU) is described by its last
 call, as a forward hook keeping the latest output would see it. Normalisation layers count as
@@ -41,27 +45,18 @@ from .errors import ConfigError, DataError, closest
 
 Span = tuple[int, int]  # [start, end) in input pixels along one axis; empty when start >= end
 EMPTY: Span = (0, 0)
-# Ops we do not follow spatially; met with a changed or unchanged shape they make the field unknown.
+# Ops that move pixels: unless followed as a window or adaptive pool they make the field unknown,
+# even when they keep the shape, rather than pass as elementwise.
 SPATIAL_NAMES = re.compile(r"conv|pool|pad|interpolate|upsampl|unfold|fold|roll|grid|pixel", re.I)
 # Ops that may merge the spatial dims away (flatten, means over H and W): the field becomes global.
-GLOBAL_NAMES = {
-    "flatten",
-    "Flatten",
-    "view",
-    "reshape",
-    "mean",
-    "sum",
-    "amax",
-    "amin",
-    "max",
-    "min",
-}
+GLOBAL_NAMES = frozenset("flatten Flatten view reshape mean sum amax amin max min".split())
 # Positional parameter names of the functional windows we follow.
 SIGNATURES = {
     F.conv2d: ("input", "weight", "bias", "stride", "padding", "dilation"),
     F.max_pool2d: ("input", "kernel_size", "stride", "padding", "dilation"),
     F.avg_pool2d: ("input", "kernel_size", "stride", "padding"),
 }
+UNDERSTOOD = "conv, pooling, adaptive pooling, elementwise ops, cat, permute, flatten, means"
 ADAPTIVE_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 ADAPTIVE_FUNCTIONS = (F.adaptive_avg_pool2d, F.adaptive_max_pool2d)
 
@@ -76,9 +71,8 @@ class ReceptiveField:
     padding: tuple[int, int]  # (h, w) offset: unit i starts at i * stride - padding
     input_size: tuple[int, int]  # (H, W) model input this field was computed for
     output_size: tuple[int, int]  # (h, w) the layer's map; (1, 1) without spatial dims
-    spans: tuple[tuple[Span, ...], tuple[Span, ...]] = field(
-        repr=False
-    )  # exact, per axis, per unit
+    # exact box edges per axis per unit: spans[0][y] = (top, bottom), spans[1][x] = (left, right)
+    spans: tuple[tuple[Span, ...], tuple[Span, ...]] = field(repr=False)
 
     def box(self, y: int, x: int) -> tuple[int, int, int, int]:
         """Half-open (top, left, bottom, right) of unit (y, x), clipped to the image."""
@@ -97,11 +91,16 @@ def receptive_field(
 ) -> ReceptiveField:
     """Receptive field of every unit of `layer` for an (H, W) = `input_size` model input."""
     size = _pair(input_size)
+    if min(size) < 1:
+        raise ConfigError(f"input_size {input_size!r} must be two positive ints (H, W)")
     with _eval_mode(model), torch.no_grad():
         graph, outputs = _trace(model)
         if layer not in outputs:
+            known = layer in dict(model.named_modules())  # e.g. an auxiliary head skipped in eval
             raise ConfigError(
-                f"{type(model).__name__} has no layer {layer!r}; closest valid names: "
+                f"{type(model).__name__} "
+                + ("does not call" if known else "has no")
+                + f" layer {layer!r} in an eval-mode forward; closest valid names: "
                 f"{closest(layer, outputs)}"
             )
         fields = _walk(model, graph, size)
@@ -201,11 +200,14 @@ class _Walk(fx.Interpreter):
         return value.to("meta") if isinstance(value, torch.Tensor) else value
 
     def _derive(self, n, op, inputs: list[_Field], args, kwargs, out: torch.Tensor) -> _Field:
+        unknown = [f for f in inputs if f.axes is None]
+        if unknown:  # stays unknown until a (N, F) output surely has no spatial dims left
+            return self._global(inputs) if out.dim() <= 2 else unknown[0]
         if all(f.dims is None for f in inputs):
             return self._global(inputs)
         name = _name(op)
         data = inputs[0]
-        if data.axes is not None and data.dims == (-2, -1):
+        if data.dims == (-2, -1):  # NCHW, as conv and pooling need
             window = _window_args(op, args, kwargs)
             if window is not None:
                 axes = tuple(
@@ -215,34 +217,23 @@ class _Walk(fx.Interpreter):
                 return _Field(data.dims, axes, data.why)
             if isinstance(op, ADAPTIVE_MODULES) or op in ADAPTIVE_FUNCTIONS:
                 return _adaptive(data, tuple(out.shape[-2:]), n.name)
-        if name in ("permute", "transpose") and data.axes is not None:
+        if name in ("permute", "transpose") and data.dims is not None:
             return _Field(_moved(data.dims, name, args, kwargs), data.axes, data.why)
         return self._elementwise(n, name, inputs, out)
 
     def _elementwise(self, n, name: str, inputs: list[_Field], out: torch.Tensor) -> _Field:
         """Union over inputs whose map `out` keeps; broadcast 1x1 or global inputs add nothing."""
-        if any(f.axes is None for f in inputs):
-            return (
-                self._global(inputs)
-                if name in GLOBAL_NAMES
-                else next(f for f in inputs if not f.axes)
-            )
         same = [f for f in inputs if f.dims and _sizes_at(out, f.dims) == f.sizes]
         context = [f for f in inputs if f.dims is None or f.sizes == (1, 1)]  # broadcast gates
         kept = {id(f) for f in same + context}
         if same and len(kept) == len(inputs) and not SPATIAL_NAMES.search(name):
             axes, why = zip(*(_union([f.axes[i] for f in same]) for i in (0, 1)), strict=True)
-            return _Field(same[0].dims, axes, why[0] or why[1] or same[0].why)
+            return _Field(same[0].dims, axes, why[0] or why[1] or _first_why(same))
         if name in GLOBAL_NAMES:
             return self._global(inputs)
-        shapes = [f.sizes for f in inputs if f.dims]
-        return _Field(
-            None,
-            None,
-            f"node {n.name!r} ({name}) maps {shapes} to {tuple(out.shape)}, "
-            "which only conv, pooling, adaptive pooling, elementwise ops, cat, permute, "
-            "transpose, flatten and means are understood to do",
-        )
+        maps = [f.sizes for f in inputs if f.dims]
+        why = f"cannot follow node {n.name!r} ({name}) from maps {maps} to shape {tuple(out.shape)}"
+        return _Field(None, None, why + "; understood are " + UNDERSTOOD)
 
     def _global(self, inputs: list[_Field]) -> _Field:
         """A field without spatial dims: one unit seeing everything its inputs saw."""
@@ -286,10 +277,8 @@ def _adaptive(data: _Field, out_sizes: tuple[int, int], node: str) -> _Field:
     for axis, m in zip(data.axes, out_sizes, strict=True):
         n = len(axis.spans)
         bins = [range(i * n // m, -(-(i + 1) * n // m)) for i in range(m)]
-        widths, steps = (
-            {len(b) for b in bins},
-            {b.start - a.start for a, b in zip(bins, bins[1:], strict=False)},
-        )
+        widths = {len(b) for b in bins}
+        steps = {b.start - a.start for a, b in zip(bins, bins[1:], strict=False)}
         if len(widths) == 1 and len(steps) <= 1:
             k = widths.pop()
             axes.append(_window(axis, m, k, steps.pop() if steps else k, 0, 1))
@@ -351,11 +340,15 @@ def _moved(dims: tuple[int, int], name: str, args, kwargs) -> tuple[int, int]:
     if name == "permute":
         order = kwargs.get("dims") or (args[1] if len(args) == 2 else args[1:])
     else:
-        a, b = (list(args[1:]) + [kwargs.get("dim0"), kwargs.get("dim1")])[:2]
+        a, b = [*args[1:3], *(kwargs[k] for k in ("dim0", "dim1") if k in kwargs)]
         order = list(range(ndim))
         order[a], order[b] = order[b], order[a]
     order = [o % ndim for o in order]
     return order.index(dims[0] % ndim) - ndim, order.index(dims[1] % ndim) - ndim
+
+
+def _first_why(fields: list[_Field]) -> str:
+    return next((f.why for f in fields if f.why), "")
 
 
 def _identity(n: int) -> _Axis:
