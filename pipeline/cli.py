@@ -175,6 +175,7 @@ def run_index(cfg: IndexConfig) -> int:
     if manifest["counts"]["bad"]:
         print(f"skipped images: {cfg.out.rstrip('/')}/errors.parquet")
     print(f"query: python -c \"import pandas as pd; print(pd.read_parquet('{where}'))\"")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

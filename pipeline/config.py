@@ -89,6 +89,10 @@ class IndexConfig:
         """Rows kept per unit in each shard's partial: k plus the buffer."""
         return self.k + (self.k if self.buffer is None else self.buffer)
 
+    def json(self) -> dict[str, Any]:
+        """`to_json` as it reads back from a JSON file (tuples become lists)."""
+        return json.loads(json.dumps(self.to_json()))
+
     def to_json(self) -> dict[str, Any]:
         """The config as plain JSON, without storage options (they may hold credentials)."""
         out = dataclasses.asdict(self)

@@ -17,7 +17,6 @@ resumes from the committed partials.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -85,7 +84,7 @@ def decide(p: Plan, prev: tuple[Store, dict] | None, full: bool) -> str:
     if prev is None or full:
         return "full"
     old = prev[1]["config"]
-    new = json.loads(json.dumps(p.cfg.to_json()))  # tuples as the manifest stores them
+    new = p.cfg.json()
     differ = [key for key in COMPARED if old.get(key) != new.get(key)]
     if differ:
         raise ConfigError(

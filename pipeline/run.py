@@ -76,7 +76,7 @@ def run_fingerprint(cfg: IndexConfig, model_fingerprint: str) -> str:
         "depth": cfg.depth,
         "preprocess": cfg.to_json()["preprocess"],
         "data": cfg.data,
-        "schemas": VERSIONS,
+        "schemas": {name: VERSIONS[name] for name in ("partial", "images")},
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
@@ -87,9 +87,9 @@ def check_out(store: Store, p: Plan) -> None:
         previous = store.read_json(RUN_FILE)
         if previous.get("run") == p.run_fingerprint:
             return
-        old, new = previous.get("config", {}), p.cfg.to_json()
+        old, new = previous.get("config", {}), p.cfg.json()
         differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        what = ", ".join(differ) if differ else "model weights"
+        what = ", ".join(differ) if differ else "model weights or ninebest's partial format"
         raise DataError(
             f"--out {store.url!r} already holds a different run ({what} differ); "
             "choose a new --out, or delete the old one"
@@ -244,14 +244,3 @@ def map_shards(p: Plan, todo: list[Shard]):
         yield from pool.map(
             "index_shard", todo, call=lambda s: (s, units), name=lambda s: f"shard {s.key}"
         )
-
-
-# TEMPORARY (removed when export.py moves to pool.Pool): names export.py still imports.
-from .pool import MAX_ATTEMPTS  # noqa: E402,F401
-
-
-def _retry_or_raise(queue, task, attempt: int, error: Exception) -> None:
-    from .pool import _give_up_if, _init_failed
-
-    _give_up_if(attempt, str(task), error, init_failed=_init_failed(error))
-    queue.appendleft((task, attempt + 1))

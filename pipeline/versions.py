@@ -56,6 +56,12 @@ def complete(store: Store) -> list[str]:
     return [r for r in store.listdir(ROOT) if store.exists(f"{ROOT}/{r}/{MANIFEST}")]
 
 
+def newest(store: Store) -> Store:
+    """Where the newest complete index under OUT lives: the LATEST version, else OUT itself."""
+    run_id = latest(store)
+    return version(store, run_id) if run_id is not None else store
+
+
 def previous(store: Store) -> tuple[Store, dict[str, Any]] | None:
     """The newest complete output under OUT: the LATEST version, else a plain `index` run."""
     run_id = latest(store)

@@ -119,8 +119,13 @@ def test_lock_refuses_a_second_run_until_it_expires(data, tmp_path):
     with pytest.raises(DataError, match="another reindex holds .*host:1:abc"):
         reindex(config(data, out), progress=QUIET)
     (out / LOCK).write_text(json.dumps({**lock, "expires": time.time() - 1}))
-    assert reindex(config(data, out), progress=QUIET)["mode"] == "incremental"
-    assert not (out / LOCK).exists()
+    report = reindex(config(data, out), progress=QUIET)
+    assert report["mode"] == "incremental" and not (out / LOCK).exists()
+    from pipeline.export import export
+
+    summary = export(str(out), layers=("fc",), units=(0,), progress=QUIET)  # follows LATEST
+    assert (out / "versions" / report["run_id"] / "export" / "export.json").exists()
+    assert summary["counts"]["rows"] == 3
 
 
 def test_changed_settings_need_full_and_new_weights_force_it(data, tmp_path):

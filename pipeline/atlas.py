@@ -1,0 +1,165 @@
+"""The atlas: a static site over an export, readable from file:// or any static server.
+
+`write(store, rows, summary, grids, pages)` writes, under the export folder:
+
+    atlas/index.html           the model, the first-layer filters, and one link per layer
+    atlas/layer-<name>.html    one section per unit: its grid (patches beside projections) and a
+                               table of rank, activation, recomputed activation, image id, box,
+                               and links to the patch and projection PNGs
+
+No JavaScript and no framework: plain HTML with inline CSS, relative URLs, `loading="lazy"` images
+with their sizes given (so the page does not jump), and a Content-Security-Policy that forbids
+scripts. Every data string (image ids above all: they may hold `<script>`) is HTML-escaped, and
+every URL is built from the export's own safe file names, percent-encoded.
+"""
+
+from __future__ import annotations
+
+import html
+import urllib.parse
+from collections.abc import Iterable
+from typing import Any
+
+from .storage import Store
+
+HEAD = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="Content-Security-Policy" content="script-src 'none'; object-src 'none'; \
+base-uri 'none'; form-action 'none'">
+<link rel="icon" href="data:,">
+<title>{title}</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }}
+table {{ border-collapse: collapse; margin: .5em 0 1.5em; }}
+th, td {{ border-bottom: 1px solid #ddd; padding: 2px 8px; text-align: left; vertical-align: top; }}
+td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+.id {{ overflow-wrap: anywhere; max-width: 40em; }}
+.bad {{ color: #b00; }}
+img.grid {{ max-width: 100%; height: auto; image-rendering: pixelated; border: 1px solid #ccc; }}
+nav.units a {{ margin-right: .4em; }}
+section {{ margin-top: 2em; }}
+</style>
+</head>
+<body>
+"""
+TAIL = "</body>\n</html>\n"
+
+
+def text(value: Any) -> str:
+    """Any value as escaped HTML text (quotes too, so it is also safe inside attributes)."""
+    return html.escape(str(value), quote=True)
+
+
+def url(path: str) -> str:
+    """A relative URL for a path of ours, percent-encoded and escaped for an attribute."""
+    return text(urllib.parse.quote(path))
+
+
+def write(
+    store: Store,
+    rows: list[dict],
+    summary: dict,
+    grids: dict[str, tuple[int, int]],
+    pages: dict[str, str],
+) -> str:
+    """Write the atlas under `store` (the export folder); return the index page's path.
+
+    rows: export rows (schema "export"); grids: grid path -> (width, height); pages: layer ->
+    its safe file name part.
+    """
+    by_layer: dict[str, list[dict]] = {layer: [] for layer in pages}
+    for row in rows:
+        by_layer[row["layer"]].append(row)
+    for layer, layer_rows in by_layer.items():
+        page = layer_page(layer, layer_rows, grids)
+        store.write_bytes(f"atlas/layer-{pages[layer]}.html", page.encode("utf-8"))
+    store.write_bytes("atlas/index.html", index_page(summary, by_layer, pages).encode("utf-8"))
+    return "atlas/index.html"
+
+
+def index_page(summary: dict, by_layer: dict[str, list[dict]], pages: dict[str, str]) -> str:
+    model = summary["model"]
+    parts = [
+        HEAD.format(title="ninebest atlas"),
+        "<h1>ninebest atlas</h1>\n",
+        f"<p>Model <code>{text(model['spec'])}</code>, "
+        f"weights <code>{text(model['weights'])}</code> "
+        f"(fingerprint <code>{text(model['fingerprint'][:12])}</code>). For each unit, the images "
+        "that excite it most: the receptive field cut from the original (left grid) and its "
+        "deconvnet projection (right grid, 0 shown as grey).</p>\n",
+        "<h2>Layers</h2>\n<table>\n<tr><th>layer</th><th>units</th><th>rows</th>"
+        "<th>activation mismatches</th><th>errors</th></tr>\n",
+    ]
+    for layer, rows in by_layer.items():
+        units = len({row["unit"] for row in rows})
+        bad = sum(row["activation_ok"] is False for row in rows)
+        errors = sum(row["error"] is not None for row in rows)
+        parts.append(
+            f'<tr><td><a href="{url(f"layer-{pages[layer]}.html")}">{text(layer)}</a></td>'
+            f'<td class="num">{units}</td><td class="num">{len(rows)}</td>'
+            f'<td class="num{" bad" if bad else ""}">{bad}</td>'
+            f'<td class="num{" bad" if errors else ""}">{errors}</td></tr>\n'
+        )
+    parts.append("</table>\n")
+    if summary["outputs"]["filters"]:
+        parts.append(
+            "<h2>First-layer filters</h2>\n"
+            f'<p><img src="{url("../" + summary["outputs"]["filters"])}" loading="lazy" '
+            'alt="first convolution filters"></p>\n'
+        )
+    parts.append(TAIL)
+    return "".join(parts)
+
+
+def layer_page(layer: str, rows: list[dict], grids: dict[str, tuple[int, int]]) -> str:
+    units: dict[int, list[dict]] = {}
+    for row in rows:
+        units.setdefault(row["unit"], []).append(row)
+    links = " ".join(f'<a href="#unit-{unit}">{unit}</a>' for unit in units)
+    parts = [
+        HEAD.format(title=f"ninebest: {text(layer)}"),
+        '<p><a href="index.html">all layers</a></p>\n',
+        f"<h1>Layer {text(layer)}</h1>\n",
+        f'<nav class="units">Units: {links}</nav>\n',
+    ]
+    parts.extend(unit_section(layer, unit, unit_rows, grids) for unit, unit_rows in units.items())
+    parts.append(TAIL)
+    return "".join(parts)
+
+
+def unit_section(layer: str, unit: int, rows: list[dict], grids: dict) -> str:
+    path = rows[0]["grid_path"]
+    width, height = grids.get(path, (0, 0))
+    size = f' width="{width}" height="{height}"' if width else ""
+    alt = f"{layer} unit {unit}: top images (left) and their deconvnet projections (right)"
+    return (
+        f'<section id="unit-{unit}">\n<h2>Unit {unit}</h2>\n'
+        f'<p><a href="{url("../" + path)}"><img class="grid" src="{url("../" + path)}"{size} '
+        f'loading="lazy" alt="{text(alt)}"></a></p>\n'
+        "<table>\n<tr><th>rank</th><th>activation</th><th>recomputed</th><th>image</th>"
+        "<th>box (top, left, bottom, right)</th><th>files</th></tr>\n"
+        + "".join(row_html(row) for row in rows)
+        + "</table>\n</section>\n"
+    )
+
+
+def row_html(row: dict) -> str:
+    recomputed = row["recomputed_activation"]
+    flag = ' class="num bad"' if row["activation_ok"] is False else ' class="num"'
+    files = " ".join(_links(row)) or f'<span class="bad">{text(row["error"] or "no box")}</span>'
+    return (
+        f'<tr><td class="num">{row["rank"]}</td><td class="num">{row["activation"]:.6g}</td>'
+        f"<td{flag}>{'' if recomputed is None else f'{recomputed:.6g}'}</td>"
+        f'<td class="id"><bdi>{text(row["image_id"])}</bdi></td>'
+        f"<td>{row['top']}, {row['left']}, {row['bottom']}, {row['right']}</td>"
+        f"<td>{files}</td></tr>\n"
+    )
+
+
+def _links(row: dict) -> Iterable[str]:
+    for key, label in (("patch_path", "patch"), ("projection_path", "projection")):
+        if row[key] is not None:
+            yield f'<a href="{url("../" + row[key])}">{label}</a>'

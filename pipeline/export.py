@@ -1,0 +1,386 @@
+"""`ninebest export`: patches, deconvnet projections, unit grids and an atlas from a finished index.
+
+The driver reads OUT/manifest.json (model, weights, preprocessing, layers: nothing is restated),
+validates the selection, and plans one row per (layer, unit, rank): the receptive-field box of
+(y, x) in model-input pixels (`receptive_field` at the crop size), the same box in original pixels
+(`geometry().to_original`), and the file names of its outputs. Rows are grouped by image and
+packed into tasks, so each image is read and decoded once. A pool of Ray actors (one per GPU, else
+`workers` CPU actors) cuts every patch from the full-resolution oriented original, runs the
+deconvnet for all rows of a task, batched per layer, recomputing each activation on the way, and
+writes the PNGs; a second pass on the same actors composes one grid per unit from those PNGs. The
+driver then writes filters.png, the atlas, export.parquet (schema `schemas/export.v1.json`) and,
+last, export.json: its presence means the export is complete. A new export replaces OUT/export.
+
+Layout under OUT/export/. File names come from the layer name (made safe), unit, rank and a hash
+of the image id, never from the id itself, so no image id can steer a write:
+
+    patches/<layer>/<unit>/<rank>-<id hash>.png      the box cut from the original, exactly
+    projections/<layer>/<unit>/<rank>-<id hash>.png  the projection in the box, model-input pixels
+    grids/<layer>/<unit>.png                         patches beside projections (see render.grid)
+    filters.png                                      the first convolution's filters
+    atlas/index.html                                 static site, one page per layer
+    export.parquet, export.json                      the rows; a summary with the resolved config
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from torch import nn
+
+from . import atlas, render, versions
+from .config import Preprocess
+from .errors import ConfigError, DataError
+from .models import load_model
+from .pool import Pool
+from .preprocess import geometry
+from .progress import Progress
+from .receptive_field import receptive_field
+from .run import MANIFEST, ray_session
+from .schemas import VERSIONS, conform, schema
+from .storage import Store
+
+EXPORT_DIR = "export"
+SUMMARY = "export.json"
+TASK_ROWS = 64  # rows per task (images are never split between tasks)
+UNITS_PER_GRID_TASK = 16
+REL_TOL, ABS_TOL = 1e-3, 1e-5  # recomputed vs stored activation
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+SAFE_PATH = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]*/)*[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+@dataclass(frozen=True)
+class Task:
+    key: str  # for retry messages, as a shard's key
+    items: tuple  # render.ImageJob for the export pass; unit dicts for the grid pass
+
+
+# ---------------------------------------------------------------- file names
+
+
+def safe_name(name: str) -> str:
+    """`name` as one path component: kept when plainly safe, else cleaned plus a hash of it."""
+    if SAFE_NAME.fullmatch(name) and ".." not in name:
+        return name
+    cleaned = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_-")[:40] or "x"
+    return f"{cleaned}-{_digest(name)[:12]}"
+
+
+def image_key(image_id: str) -> str:
+    """16 hex digits of the image id's sha256: the only part of a file name an id decides."""
+    return _digest(image_id)[:16]
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def checked(rel: str) -> str:
+    """`rel` if it is a relative path of safe components with no '..'; refuse anything else."""
+    if not SAFE_PATH.fullmatch(rel) or any(part == ".." for part in rel.split("/")):
+        raise AssertionError(f"unsafe export path {rel!r}")  # our own names must never get here
+    return rel
+
+
+def output_paths(layer: str, unit: int, rank: int, image_id: str) -> tuple[str, str]:
+    """(patch, projection) paths relative to the export folder."""
+    name = f"{safe_name(layer)}/{unit}/{rank}-{image_key(image_id)}.png"
+    return checked(f"patches/{name}"), checked(f"projections/{name}")
+
+
+def grid_path(layer: str, unit: int) -> str:
+    return checked(f"grids/{safe_name(layer)}/{unit}.png")
+
+
+# ---------------------------------------------------------------- validation and plan
+
+
+def read_manifest(store: Store) -> dict[str, Any]:
+    if not store.exists(MANIFEST):
+        raise DataError(
+            f"{store.url!r} holds no {MANIFEST}, so it is not a finished ninebest index; "
+            f"pass the --out of a completed `ninebest index` run (or rerun it to finish)"
+        )
+    return store.read_json(MANIFEST)
+
+
+def choose(
+    manifest: dict, layers: tuple[str, ...] | None, units: tuple[int, ...] | None
+) -> dict[str, list[int]]:
+    """Layer -> sorted units to export; unknown layers and out-of-range units raise ConfigError."""
+    indexed = list(manifest["config"]["layers"])
+    chosen = indexed if layers is None else list(dict.fromkeys(layers))
+    if not chosen:
+        raise ConfigError(f"no layers given; indexed layers: {', '.join(indexed)}")
+    for layer in chosen:
+        if layer not in indexed:
+            raise ConfigError(f"layer {layer!r} is not in the index; indexed: {', '.join(indexed)}")
+    if units is not None and not all(isinstance(u, int) and not isinstance(u, bool) for u in units):
+        raise ConfigError(f"units must be whole numbers (channel indices), got {list(units)!r}")
+    out = {}
+    for layer in chosen:
+        count = manifest["layers"][layer][0]
+        picked = range(count) if units is None else sorted(set(units))
+        bad = [u for u in picked if not 0 <= u < count]
+        if bad:
+            raise ConfigError(
+                f"unit {bad[0]} is out of range for layer {layer!r}, which has {count} units; "
+                f"valid units: 0..{count - 1}"
+            )
+        out[layer] = list(picked)
+    return out
+
+
+def preprocess_of(manifest: dict) -> Preprocess:
+    pre = dict(manifest["preprocess"])
+    return Preprocess(**{**pre, "mean": tuple(pre["mean"]), "std": tuple(pre["std"])})
+
+
+def plan_rows(store: Store, chosen: dict[str, list[int]], model: nn.Module, pre: Preprocess):
+    """Every index row of the chosen units with its boxes and output paths, in schema order."""
+    tables, sizes = read_rows(store, chosen)
+    rows: list[dict] = []
+    for layer, table in tables.items():
+        field = receptive_field(model, layer, (pre.crop, pre.crop))
+        for row in table.to_pylist():
+            image = sizes[row["image_id"]]
+            box = field.box(row["y"], row["x"])  # (top, left, bottom, right) in the crop
+            original = geometry(image["height"], image["width"], pre).to_original(*box)
+            patch, proj = output_paths(layer, row["unit"], row["rank"], row["image_id"])
+            empty = _empty(box) or _empty(original)  # a unit that sees only padding
+            rows.append(
+                {
+                    **row, "row": len(rows), "uri": image["uri"], "input_box": box,
+                    "box": original, "patch_path": None if empty else patch,
+                    "projection_path": None if empty else proj,
+                    "grid_path": grid_path(layer, row["unit"]),
+                }
+            )  # fmt: skip
+    return rows
+
+
+def read_rows(store: Store, chosen: dict[str, list[int]]) -> tuple[dict[str, pa.Table], dict]:
+    """The index rows of the chosen units per layer, and each of their images' uri and size."""
+    tables = {}
+    for layer, units in chosen.items():
+        table = store.read_parquet(f"index/{layer}.parquet")
+        table = table.filter(pc.is_in(table["unit"], pa.array(units, pa.int32())))
+        tables[layer] = table.sort_by([("unit", "ascending"), ("rank", "ascending")])
+    if not any(table.num_rows for table in tables.values()):
+        raise DataError(f"the index at {store.url!r} holds no rows for the chosen units")
+    needed = pc.unique(pa.chunked_array([t["image_id"] for t in tables.values()]))
+    images = store.read_parquet("images.parquet").select(["image_id", "uri", "height", "width"])
+    images = images.filter(pc.is_in(images["image_id"], needed))
+    return tables, {image["image_id"]: image for image in images.to_pylist()}
+
+
+def _empty(box: tuple[int, int, int, int]) -> bool:
+    return box[0] >= box[2] or box[1] >= box[3]
+
+
+def pack(rows: list[dict]) -> list[Task]:
+    """Group rows by image (sorted by image id) and pack whole images into tasks of ~TASK_ROWS."""
+    by_image: dict[str, list[dict]] = {}
+    for row in rows:
+        by_image.setdefault(row["image_id"], []).append(row)
+    tasks, current, count = [], [], 0
+    for image_id in sorted(by_image):
+        group = by_image[image_id]
+        first = group[0]
+        current.append(render.ImageJob(image_id, first["uri"], first["image_hash"], tuple(group)))
+        count += len(group)
+        if count >= TASK_ROWS:
+            tasks.append(Task(f"images-{len(tasks):06d}", tuple(current)))
+            current, count = [], 0
+    if current:
+        tasks.append(Task(f"images-{len(tasks):06d}", tuple(current)))
+    return tasks
+
+
+# ---------------------------------------------------------------- the pool
+
+
+# ---------------------------------------------------------------- the driver
+
+
+@dataclass(frozen=True)
+class Job:
+    """What the driver validated and planned before any write."""
+
+    manifest: dict
+    chosen: dict[str, list[int]]  # layer -> units
+    model: nn.Module
+    settings: render.Settings  # threads filled in once the pool is sized
+    rows: list[dict]  # see plan_rows
+
+
+def export(
+    out: str,
+    layers: tuple[str, ...] | None = None,
+    units: tuple[int, ...] | None = None,
+    workers: int | None = None,
+    address: str | None = None,
+    storage_options: dict | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Export patches, projections, grids, filters and the atlas of index OUT; return the summary.
+
+    layers / units: a subset (default: every indexed layer, every unit; `units` apply to each
+    layer). workers: CPU actors without GPUs (default: the index's). address: Ray address
+    (default: the index's, else RAY_ADDRESS, else a local instance). After `ninebest reindex`, OUT
+    means its LATEST version, and the export goes into that version's folder. The summary is also
+    written to <index>/export/export.json.
+    """
+    started = time.time()
+    progress = progress or Progress()
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise ConfigError(f"--workers must be a whole number of at least 1, got {workers!r}")
+    job = prepare(out, layers, units, storage_options)
+    target = Store(job.settings.export_url, storage_options)
+    target.remove("")  # a new export replaces the old one, so no stale file is left linked
+    config = job.manifest["config"]
+    with ray_session(address or config.get("address")):
+        table, grids = run_pool(job, workers or config["workers"], progress)
+    exported = table.to_pylist()
+    filters = write_filters(target, job.model)
+    summary = _summary(target, job, table, filters, units)
+    atlas.write(target, exported, summary, grids, {name: safe_name(name) for name in job.chosen})
+    target.write_parquet("export.parquet", table)
+    summary["timings"] = {"total_seconds": round(time.time() - started, 3)}
+    target.write_json(SUMMARY, summary)
+    _say(progress, _line(summary))
+    return summary
+
+
+def prepare(out: str, layers, units, storage_options: dict | None) -> Job:
+    """Read and check the manifest, the selection and the weights; plan every row."""
+    store = versions.newest(Store(out, storage_options))  # follows LATEST after a reindex
+    manifest = read_manifest(store)
+    chosen = choose(manifest, layers, units)
+    pre = preprocess_of(manifest)
+    spec, weights = manifest["model"]["spec"], manifest["model"]["weights"]
+    loaded = load_model(spec, weights, storage_options)
+    indexed = manifest["model"]["fingerprint"]
+    if loaded.fingerprint != indexed:
+        raise DataError(
+            f"the weights {weights!r} changed since {out!r} was indexed (fingerprint "
+            f"{loaded.fingerprint[:12]}, indexed {indexed[:12]}); export with the index's weights"
+        )
+    rows = plan_rows(store, chosen, loaded.module, pre)
+    settings = render.Settings(
+        spec, weights, indexed, pre, f"{store.url}/{EXPORT_DIR}", dict(storage_options or {}),
+        manifest["config"]["batch_size"], threads=1,
+    )  # fmt: skip
+    return Job(manifest, chosen, loaded.module, settings, rows)
+
+
+def run_pool(job: Job, workers: int, progress: Progress) -> tuple[pa.Table, dict]:
+    """Both passes on one actor pool: images to PNGs, then unit grids; the table, grid sizes."""
+    tasks = pack(job.rows)
+    threads = job.manifest["config"]["decode_threads"]
+    outcomes: dict[int, dict] = {}
+    grids: dict[str, tuple[int, int]] = {}
+    last = time.time()
+    items, name = (lambda t: (t.items,)), (lambda t: f"export task of {len(t.items)} rows")
+    with Pool(render.Renderer, (job.settings,), workers, threads, len(tasks)) as pool:
+        for done, result in enumerate(pool.map("export_images", tasks, items, name), 1):
+            outcomes.update((r["row"], r) for r in result)
+            if done == len(tasks) or time.time() - last >= progress.interval:
+                last = time.time()
+                _say(progress, f"export: {done}/{len(tasks)} tasks, {len(outcomes)} rows")
+        table = finish_rows(job.rows, outcomes)  # paths of unreadable images are now null
+        for result in pool.map("render_grids", grid_tasks(table.to_pylist()), items, name):
+            grids.update((g["grid_path"], (g["width"], g["height"])) for g in result)
+        _say(progress, f"export: {len(grids)} unit grids")
+    return table, grids
+
+
+def grid_tasks(rows: list[dict]) -> list[Task]:
+    """One item per unit: its grid path and its patch / projection paths in rank order."""
+    units: dict[str, dict] = {}
+    for row in rows:
+        unit = units.setdefault(
+            row["grid_path"], {"grid_path": row["grid_path"], "patches": [], "projections": []}
+        )
+        unit["patches"].append(row["patch_path"])
+        unit["projections"].append(row["projection_path"])
+    items = list(units.values())
+    step = UNITS_PER_GRID_TASK
+    return [Task(f"grids-{i:06d}", tuple(items[i : i + step])) for i in range(0, len(items), step)]
+
+
+def finish_rows(rows: list[dict], outcomes: dict[int, dict]) -> pa.Table:
+    """The export table: plan rows plus recomputed activations, checks and errors."""
+    columns: dict[str, list] = {name: [] for name in schema("export").names}
+    for row in rows:
+        outcome = outcomes[row["row"]]
+        value, error = outcome["recomputed"], outcome["error"]
+        record = {
+            **row,
+            "recomputed_activation": value,
+            "activation_ok": None if value is None else close(value, row["activation"]),
+            "error": error,
+        }
+        if error is not None:
+            record["patch_path"] = record["projection_path"] = None
+        record.update(zip(("top", "left", "bottom", "right"), row["box"], strict=True))
+        inputs = ("input_top", "input_left", "input_bottom", "input_right")
+        record.update(zip(inputs, row["input_box"], strict=True))
+        for name, values in columns.items():
+            values.append(record[name])
+    return conform(pa.table(columns, schema=schema("export")), "export")
+
+
+def close(recomputed: float, stored: float) -> bool:
+    return math.isclose(recomputed, stored, rel_tol=REL_TOL, abs_tol=ABS_TOL)
+
+
+def write_filters(target: Store, model: nn.Module) -> str | None:
+    """filters.png from the first RGB convolution, if the model has one."""
+    conv = render.first_conv(model)
+    if conv is None:
+        return None
+    target.write_bytes("filters.png", render.png(render.filters_image(conv.weight)))
+    return "filters.png"
+
+
+def _summary(target: Store, job: Job, table: pa.Table, filters: str | None, units) -> dict:
+    ok = table["activation_ok"]
+    return {
+        "export": target.uri(""),
+        "index_run": job.manifest["run"],
+        "model": job.manifest["model"],
+        "preprocess": job.manifest["preprocess"],
+        "selection": {"layers": list(job.chosen), "units": None if units is None else list(units)},
+        "layers": {layer: {"units": len(units)} for layer, units in job.chosen.items()},
+        "counts": {
+            "rows": table.num_rows,
+            "images": len(set(table["image_id"].to_pylist())),
+            "activation_mismatches": pc.sum(pc.invert(ok.fill_null(True))).as_py() or 0,
+            "errors": table.num_rows - table["error"].null_count,
+        },
+        "tolerance": {"relative": REL_TOL, "absolute": ABS_TOL},
+        "outputs": {"table": "export.parquet", "atlas": "atlas/index.html", "filters": filters},
+        "schemas": {"export": VERSIONS["export"]},
+    }
+
+
+def _line(summary: dict) -> str:
+    counts = summary["counts"]
+    return (
+        f"exported {counts['rows']} rows from {counts['images']} images "
+        f"({counts['activation_mismatches']} activation mismatches, {counts['errors']} errors) "
+        f"to {summary['export']}"
+    )
+
+
+def _say(progress: Progress, line: str) -> None:
+    if not progress.quiet:
+        print(line, file=progress.stream, flush=True)

@@ -1,0 +1,251 @@
+"""The export's worker side: original files and index rows become patch, projection and grid PNGs.
+
+`Renderer` is a plain class (tests can run it without Ray; `export` wraps it in a Ray actor). It
+loads the model once; `export_images` reads, decodes (EXIF orientation applied) and verifies each
+image once, cuts every row's patch from the full-resolution original, runs the deconvnet for all
+rows of the task, batched per layer, recomputing each activation, and writes the PNGs;
+`render_grids` composes unit grids from those PNGs. The image functions are pure:
+
+* `cut(image, box)`: the exact pixels of a half-open (top, left, bottom, right) box.
+* `projection_image(projection, std)`: a projection (3, h, w) in normalised-input space becomes a
+  displayable RGB image. Multiplying by the per-channel std turns it into a change of [0, 1]
+  pixels; it is then scaled by its own largest magnitude over the box and all three channels, so
+  that 0 is mid-grey (128), +max is 255 and -max is 0 in the strongest channel:
+  ``pixel = round(255 * (0.5 + 0.5 * signal / max|signal|))``. A zero projection is plain grey.
+  Scaling each projection on its own, with 0 kept at grey, follows the paper's figures: the sign
+  of every pixel is visible and the strongest projection does not wash out the weakest.
+* `grid(patches, projections)`: a unit's k patches and k projections as two square grids side by
+  side, patches left; each patch is shown at the scale the network saw it (resized to its
+  projection's size, i.e. the model-input box) and every tile is padded to a common cell size.
+* `filters_image(weight)`: first-layer filters (O, 3, kh, kw), each scaled like a projection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .config import Preprocess
+from .deconv import project
+from .errors import ConfigError
+from .models import load_model
+from .preprocess import BadImage, decode, normalize, to_uint8
+from .storage import Store
+from .worker import pick_device
+
+GREY = 128  # where 0 lands in a projection or filter image
+BACKGROUND = (255, 255, 255)  # gaps and padding: white, distinct from a projection's grey
+MIN_CELL = 64  # small receptive fields are enlarged (nearest neighbour) to at least this size
+GAP = 2  # pixels between tiles
+PANEL_GAP = 12  # pixels between the patch grid and the projection grid
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every actor needs; storage options travel to the actors but are never written."""
+
+    model: str  # model spec from the manifest
+    weights: str | None
+    model_fingerprint: str
+    preprocess: Preprocess
+    export_url: str  # OUT/export
+    storage_options: dict
+    batch_size: int  # rows per deconvnet pass
+    threads: int  # decode / encode threads, and torch threads on CPU
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    image_id: str
+    uri: str
+    image_hash: str
+    rows: tuple[dict, ...]  # plan rows of this image (see `plan_rows`)
+
+
+class Renderer:
+    """Loads the model once; exports images, then renders unit grids (see the module doc)."""
+
+    def __init__(self, settings: Settings, threads: int | None = None):
+        settings = dataclasses.replace(settings, threads=threads or settings.threads)
+        torch.set_num_threads(settings.threads)
+        self.s = settings
+        self.device = pick_device()
+        loaded = load_model(settings.model, settings.weights, settings.storage_options)
+        if loaded.fingerprint != settings.model_fingerprint:
+            raise ConfigError(
+                f"a worker loaded different weights for {settings.model} than the index used "
+                f"({loaded.fingerprint[:12]} vs {settings.model_fingerprint[:12]}); make the "
+                "weights file the same for every node"
+            )
+        self.model = loaded.module.to(self.device)
+        self.store = Store(settings.export_url, settings.storage_options)
+
+    def export_images(self, jobs: tuple[ImageJob, ...]) -> list[dict]:
+        """Patches and projections of every row of these images; per row, the outcome."""
+        with ThreadPoolExecutor(self.s.threads) as pool:
+            loaded = list(pool.map(self._load, jobs))  # [(ImageJob, pixels | None, error)]
+            outcome = {
+                row["row"]: {"row": row["row"], "recomputed": None, "error": error}
+                for job, _, error in loaded
+                if error is not None
+                for row in job.rows
+            }
+            good = [(job, pixels) for job, pixels, error in loaded if error is None]
+            if good:
+                stack = torch.stack([pixels for _, pixels in good])  # (N, 3, crop, crop) uint8
+                pairs = [(row, i) for i, (job, _) in enumerate(good) for row in job.rows]
+                for row, value in self._project(stack, pairs, pool):
+                    outcome[row["row"]] = {"row": row["row"], "recomputed": value, "error": None}
+        return list(outcome.values())
+
+    def _load(self, job: ImageJob) -> tuple[ImageJob, torch.Tensor | None, str | None]:
+        """Read, decode and verify one image, write its patches; return the model input."""
+        try:
+            with fsspec.open(job.uri, "rb", **self.s.storage_options) as f:
+                data = f.read()
+            decoded = decode(data, self.s.preprocess.max_pixels)
+        except (BadImage, OSError) as e:
+            return job, None, f"unreadable at export: {str(e) or type(e).__name__}"
+        if decoded.image_hash != job.image_hash:
+            changed = f"sha256 {decoded.image_hash[:12]}, indexed {job.image_hash[:12]}"
+            return job, None, f"file changed since indexing ({changed}); re-run the index"
+        for row in job.rows:
+            if row["patch_path"] is not None:
+                patch = cut(decoded.image, row["box"])
+                self.store.write_bytes(row["patch_path"], png(patch))
+        return job, to_uint8(decoded.image, self.s.preprocess), None  # (3, crop, crop)
+
+    def _project(self, stack: torch.Tensor, pairs: list[tuple[dict, int]], pool):
+        """Deconvnet projections of (row, image position) pairs, per layer in batches."""
+        layers: dict[str, list[tuple[dict, int]]] = {}
+        for pair in pairs:
+            layers.setdefault(pair[0]["layer"], []).append(pair)
+        for layer, group in layers.items():
+            for start in range(0, len(group), self.s.batch_size):
+                chunk = group[start : start + self.s.batch_size]
+                rows, positions = zip(*chunk, strict=True)
+                x = normalize(stack[list(positions)].to(self.device), self.s.preprocess)
+                units, ys, xs = (torch.tensor([r[k] for r in rows]) for k in ("unit", "y", "x"))
+                proj, acts = project(self.model, layer, x, units, ys, xs, return_activations=True)
+                proj, acts = proj.cpu(), acts.cpu()  # (B, 3, crop, crop), (B,)
+                list(pool.map(self._write_projection, rows, proj))
+                yield from zip(rows, acts.tolist(), strict=True)
+
+    def _write_projection(self, row: dict, projection: torch.Tensor) -> None:
+        if row["projection_path"] is None:
+            return
+        top, left, bottom, right = row["input_box"]
+        image = projection_image(projection[:, top:bottom, left:right], self.s.preprocess.std)
+        self.store.write_bytes(row["projection_path"], png(image))
+
+    def render_grids(self, units: tuple[dict, ...]) -> list[dict]:
+        """Compose and write one grid per unit; return each grid's size."""
+        with ThreadPoolExecutor(self.s.threads) as pool:
+            return list(pool.map(self._grid, units))
+
+    def _grid(self, unit: dict) -> dict:
+        patches = [self._read_png(path) for path in unit["patches"]]
+        projections = [self._read_png(path) for path in unit["projections"]]
+        image = grid(patches, projections)
+        self.store.write_bytes(unit["grid_path"], png(image))
+        return {"grid_path": unit["grid_path"], "width": image.width, "height": image.height}
+
+    def _read_png(self, rel: str | None) -> Image.Image | None:
+        if rel is None:
+            return None
+        image = Image.open(io.BytesIO(self.store.read_bytes(rel)))
+        image.load()
+        return image
+
+
+def cut(image: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+    """The pixels rows top..bottom-1, columns left..right-1 of `image`, unchanged."""
+    top, left, bottom, right = box
+    assert 0 <= top <= bottom <= image.height and 0 <= left <= right <= image.width, box
+    return image.crop((left, top, right, bottom))
+
+
+def png(image: Image.Image) -> bytes:
+    """Lossless PNG bytes; light compression, since patches can be large."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=3)
+    return buffer.getvalue()
+
+
+def signed_to_uint8(signal: np.ndarray) -> np.ndarray:
+    """Scale by the largest magnitude so that 0 -> 128, +max -> 255, -max -> 0."""
+    scale = float(np.abs(signal).max(initial=0.0))
+    if not math.isfinite(scale) or scale == 0.0:
+        return np.full(signal.shape, GREY, dtype=np.uint8)
+    return np.clip(np.rint(255.0 * (0.5 + 0.5 * signal / scale)), 0, 255).astype(np.uint8)
+
+
+def projection_image(projection: torch.Tensor, std: tuple[float, float, float]) -> Image.Image:
+    """(3, h, w) projection in normalised-input space -> RGB image, 0 at mid-grey."""
+    signal = projection.detach().to("cpu", torch.float64)  # (3, h, w)
+    signal = signal * torch.tensor(std, dtype=torch.float64).view(3, 1, 1)  # [0, 1]-pixel units
+    array = signed_to_uint8(signal.permute(1, 2, 0).numpy())  # (h, w, 3)
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def grid(patches: list[Image.Image | None], projections: list[Image.Image | None]) -> Image.Image:
+    """Patches (left) and projections (right), rank-ordered row by row in two square grids.
+
+    A missing tile (unreadable image, empty box) stays blank. The cell is the largest projection,
+    enlarged by an integer factor when smaller than MIN_CELL; patches take their projection's size.
+    """
+    assert len(patches) == len(projections)
+    sizes = [p.size for p in projections if p is not None] or [(1, 1)]
+    cell_w, cell_h = max(w for w, _ in sizes), max(h for _, h in sizes)  # (w, h)
+    zoom = max(1, math.ceil(MIN_CELL / max(cell_w, cell_h)))
+    cell_w, cell_h = cell_w * zoom, cell_h * zoom
+    cols = max(1, math.ceil(math.sqrt(len(patches))))
+    rows = max(1, math.ceil(len(patches) / cols))
+    panel_w, panel_h = cols * cell_w + (cols - 1) * GAP, rows * cell_h + (rows - 1) * GAP
+    canvas = Image.new("RGB", (2 * panel_w + PANEL_GAP, panel_h), BACKGROUND)
+    for i, (patch, proj) in enumerate(zip(patches, projections, strict=True)):
+        if proj is None:
+            continue
+        size = (proj.width * zoom, proj.height * zoom)
+        x0 = (i % cols) * (cell_w + GAP) + (cell_w - size[0]) // 2
+        y0 = (i // cols) * (cell_h + GAP) + (cell_h - size[1]) // 2
+        if patch is not None:
+            canvas.paste(patch.resize(size, Image.Resampling.BICUBIC), (x0, y0))
+        canvas.paste(proj.resize(size, Image.Resampling.NEAREST), (panel_w + PANEL_GAP + x0, y0))
+    return canvas
+
+
+def first_conv(model: nn.Module) -> nn.Conv2d | None:
+    """The first registered Conv2d that reads RGB pixels: the one whose filters are shown."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and module.in_channels == 3 and module.groups == 1:
+            return module
+    return None
+
+
+def filters_image(weight: torch.Tensor) -> Image.Image:
+    """(O, 3, kh, kw) filters -> one RGB image, a square grid, each filter scaled on its own."""
+    count, _, kh, kw = weight.shape
+    zoom = max(1, math.ceil(32 / max(kh, kw)))
+    cols = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / cols)
+    tile_h, tile_w = kh * zoom, kw * zoom
+    canvas = Image.new(
+        "RGB", (cols * tile_w + (cols + 1) * GAP, rows * tile_h + (rows + 1) * GAP), BACKGROUND
+    )
+    filters = weight.detach().to("cpu", torch.float64).permute(0, 2, 3, 1).numpy()  # (O, kh, kw, 3)
+    for i, f in enumerate(filters):
+        tile = Image.fromarray(signed_to_uint8(f)).resize(
+            (tile_w, tile_h), Image.Resampling.NEAREST
+        )
+        canvas.paste(tile, (GAP + (i % cols) * (tile_w + GAP), GAP + (i // cols) * (tile_h + GAP)))
+    return canvas
