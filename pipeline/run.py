@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import platform
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -190,6 +191,10 @@ def _manifest(p: Plan, records, files, rows: int, total: int, bad: int) -> dict:
             "torch": torch.__version__,
             "ray": ray.__version__,
             "devices": sorted({r.get("device", "?") for r in records}),
+            "worker_peak_rss_mb": max((r.get("peak_rss_mb", 0) for r in records), default=0),
+            "driver_peak_rss_mb": round(
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
+            ),
         },
     }
 

@@ -10,6 +10,7 @@ pass under inference mode with `Capture` hooks, and fold each layer's spatial ma
 from __future__ import annotations
 
 import itertools
+import resource
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -102,6 +103,7 @@ class ShardIndexer:
             "rows": topk_table.num_rows,
             "seconds": round(time.perf_counter() - start, 3),
             "device": str(self.device),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
         attempt = partials.new_attempt()
         return partials.write(
