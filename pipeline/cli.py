@@ -185,6 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NinebestError as e:
         print(f"ninebest: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # storage the user must fix: a missing bucket, no permission, no network
+        print(f"ninebest: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("ninebest: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

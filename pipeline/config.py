@@ -56,7 +56,8 @@ class IndexConfig:
     max_bad_fraction: float = (
         0.01  # fail the run when more than this fraction of images is unreadable
     )
-    storage_options: dict[str, Any] = field(default_factory=dict, compare=False)  # fsspec options
+    storage_options: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # fsspec options; may hold credentials, so never printed or written
     decode_threads: int = 4  # decoding threads per actor
 
     def __post_init__(self) -> None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import Preprocess
 
@@ -58,8 +59,10 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
         raise
     except Image.DecompressionBombError as e:  # Pillow's own check, at twice its limit
         raise BadImage(f"refused as a decompression bomb: {e}") from e
+    except UnidentifiedImageError as e:
+        raise BadImage("not an image format Pillow can read") from e
     except Exception as e:  # any decoder failure means this file is not a usable image
-        raise BadImage(f"{type(e).__name__}: {e}") from e
+        raise BadImage(re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(e).__name__}: {e}")) from e
     return Decoded(rgb, content_hash(data), len(data))
 
 

@@ -29,7 +29,7 @@ from .config import IndexConfig
 from .data import ImageRef, Shard, shard_of
 from .errors import ConfigError
 from .progress import Progress
-from .run import RUN_FILE, Plan, check_out, execute, plan
+from .run import Plan, check_out, execute, plan, write_run_file
 from .storage import Store
 from .topk import merge
 
@@ -67,7 +67,7 @@ def reindex(
         else:
             delta, counts = Delta(new=list(p.refs)), {"shards_reused": 0, "shards_derived": 0}
             shards = p.shards
-        root.write_json(RUN_FILE, {"run": p.run_fingerprint, "config": cfg.to_json()})
+        write_run_file(root, p)
         run_id = versions.new_run_id()
         target = versions.version(root, run_id)
         manifest = execute(p, root, target, shards, progress, started, lock.heartbeat)

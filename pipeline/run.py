@@ -82,6 +82,14 @@ def run_fingerprint(cfg: IndexConfig, model_fingerprint: str) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
+def write_run_file(store: Store, p: Plan) -> None:
+    """Record the run's fingerprint in OUT: the first write, so an unwritable OUT fails here."""
+    try:
+        store.write_json(RUN_FILE, {"run": p.run_fingerprint, "config": p.cfg.to_json()})
+    except OSError as e:
+        raise DataError(f"cannot write to --out {store.url!r} ({e}); check that it exists") from e
+
+
 def check_out(store: Store, p: Plan) -> None:
     """Refuse an OUT that holds another run, or files that are not a ninebest run."""
     if store.exists(RUN_FILE):
@@ -108,7 +116,7 @@ def index(cfg: IndexConfig, progress: Progress | None = None) -> dict[str, Any]:
     p = plan(cfg)
     store = Store(cfg.out, cfg.storage_options)
     check_out(store, p)
-    store.write_json(RUN_FILE, {"run": p.run_fingerprint, "config": cfg.to_json()})
+    write_run_file(store, p)
     return execute(p, store, store, p.shards, progress or Progress(), started)
 
 

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 UPLOAD_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}  # publish on completion
-ROW_GROUP_SIZE = 64 * 1024
+ROW_GROUP_SIZE = 64 * 1024  # rows per Parquet row group: small enough for selective reads
 WRITE_ATTEMPTS = 4  # a failed write is retried this many times in all
 BACKOFF_SECONDS = 0.2  # then doubled after each failure
 PERMANENT = (
@@ -131,6 +131,7 @@ class Store:
             yield f
         except BaseException:
             f.discard()  # abort the upload: the object never appears
+            f.closed = True  # so that garbage collection does not try to finish it
             raise
         f.close()
 

@@ -13,6 +13,12 @@ import torchvision
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray's dashboard asks cloud metadata services (169.254.169.254, metadata.google.internal) when it
+# starts, even with usage stats off. Tests send nothing off this machine: such requests go to a
+# closed loopback port instead; loopback itself is reached directly.
+for _var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+    os.environ[_var] = "http://127.0.0.1:9"
+os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost,::1"
 
 from photos import make_photos  # noqa: E402
 

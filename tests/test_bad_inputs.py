@@ -39,9 +39,7 @@ def odd_images(tmp_path_factory, photos):
     photo.convert("L").save(root / "gray.png")
     photo.convert("P").save(root / "palette.png")
     photo.convert("CMYK").save(root / "cmyk.jpg")
-    Image.fromarray(np.asarray(photo.convert("L"), dtype=np.uint16) * 257).save(
-        root / "deep16.png"
-    )
+    Image.fromarray(np.asarray(photo.convert("L"), dtype=np.uint16) * 257).save(root / "deep16.png")
     rgba = photo.convert("RGBA")
     rgba.putalpha(128)
     rgba.save(root / "alpha.png")

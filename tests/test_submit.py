@@ -383,7 +383,7 @@ def test_example_runtime_env_and_nightly_spec():
         tops = {name.split("/")[0] for name in z.namelist()}
     shutil.rmtree(package.parent)
     assert {"pipeline", "jobs", "schemas"} <= tops and not tops & {"tests", ".venv", ".git"}
-    spec = load_spec(str(ROOT / "jobs" / "specs" / "nightly_reindex.yaml"))
+    spec = load_spec(str(ROOT / "jobs" / "specs" / "nightly.yaml"))
     assert build_index_config(spec, {}).layers == ("features.3", "features.10", "classifier.4")
 
 
