@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import html
 import http.server
+import os
 import shutil
 import threading
 import urllib.parse
@@ -110,6 +111,8 @@ def test_hostile_image_ids_are_text(site):
 @pytest.fixture(scope="module")
 def browser():
     if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing in CI; .ci/run installs it with apt-get")
         pytest.skip("chromium is not installed (CI installs it: apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
