@@ -16,6 +16,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torchvision
@@ -33,6 +34,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=32, help="projections per batched call")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per mode (best kept)")
+    parser.add_argument("--write", default=None, help="BENCHMARKS.md to update")
     return parser.parse_args()
 
 
@@ -108,7 +110,13 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     batch, repeats = (min(args.batch, 8), 1) if args.quick else (args.batch, args.repeats)
-    print(report(batch, repeats, timings(batch, repeats)))
+    body = report(batch, repeats, timings(batch, repeats))
+    print(body)
+    if args.write:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from report import write_section
+
+        write_section(args.write, "deconv", body)
 
 
 if __name__ == "__main__":

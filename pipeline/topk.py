@@ -16,7 +16,6 @@ top-k always holds distinct images.
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -101,36 +100,68 @@ class RunningTopK:
 
 
 def merge(tables: list[pa.Table], k: int) -> pa.Table:
-    """Merge partial top-k tables into one: each (layer, unit) keeps its k best distinct images."""
-    table = pa.concat_tables(tables).combine_chunks()
+    """Merge partial top-k tables into one: each (layer, unit) keeps its k best distinct images.
+
+    Rows are ordered by one int64 key per row, (layer, unit) group then activation descending,
+    with image_id breaking ties; an image seen twice in a group keeps its best row. Only the
+    kept rows' strings are ever copied.
+    """
+    table = pa.concat_tables(tables)
     if table.num_rows == 0:
-        return table
-    table = table.sort_by(SORT_KEYS)
-    table = table.filter(pa.array(_first_of_image(table)))
-    rank = _rank_in_group(table)
-    column = table.schema.get_field_index("rank")
-    table = table.set_column(column, table.schema.field(column), pa.array(rank, pa.int16()))
-    return table.filter(pc.less_equal(table["rank"], k))
+        return table.combine_chunks()
+    group = _sorted_codes(table["layer"]) * (int(pc.max(table["unit"]).as_py()) + 1)
+    group += table["unit"].to_numpy()  # (N,) ordered by layer name, then unit
+    image = _sorted_codes(table["image_id"])  # (N,) ordered like image_id
+    key = (group << 32) | _descending(table["activation"].to_numpy())  # (N,)
+    order = np.lexsort((image, key))  # (N,) the total order
+    pair = group * (int(image.max()) + 1) + image  # (N,) one code per (group, image)
+    order = order[_not_repeated(pair[order])]  # a partial seen twice: its rows sort together
+    rank = _rank_in_runs(group[order])
+    if _has_repeats(pair[order[rank <= k]]):  # an image twice in a top-k with other values
+        order = order[_first_of_each(pair[order])]
+        rank = _rank_in_runs(group[order])
+    kept = order[rank <= k]
+    out = table.take(kept)
+    column = out.schema.get_field_index("rank")
+    return out.set_column(column, out.schema.field(column), pa.array(rank[rank <= k], pa.int16()))
 
 
-def _first_of_image(table: pa.Table) -> np.ndarray:
-    """Mask keeping the best row of each (layer, unit, image_id) in a sorted table."""
-    keys = pd.DataFrame(
-        {
-            "layer": table["layer"].to_numpy(zero_copy_only=False),
-            "unit": table["unit"].to_numpy(),
-            "image_id": table["image_id"].to_numpy(zero_copy_only=False),
-        }
-    )
-    return ~keys.duplicated(keep="first").to_numpy()
+def _sorted_codes(column: pa.ChunkedArray) -> np.ndarray:
+    """int64 code of each string whose order is the strings' order."""
+    values = pc.array_sort_indices(pc.unique(column))
+    dictionary = pc.take(pc.unique(column), values)
+    return pc.index_in(column, value_set=dictionary).to_numpy().astype(np.int64)
 
 
-def _rank_in_group(table: pa.Table) -> np.ndarray:
-    """1-based position of each row within its (layer, unit) run of a sorted table."""
-    layer = pc.dictionary_encode(table["layer"]).combine_chunks().indices.to_numpy()
-    unit = table["unit"].to_numpy()
-    start = np.ones(len(unit), dtype=bool)
-    start[1:] = (layer[1:] != layer[:-1]) | (unit[1:] != unit[:-1])
+def _descending(values: np.ndarray) -> np.ndarray:
+    """float32 -> int64 in [0, 2**32) whose ascending order is the floats' descending order."""
+    bits = values.astype(np.float32, copy=False).view(np.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed order == float order
+    return (~ordered).astype(np.int64) + 2**31
+
+
+def _not_repeated(pair: np.ndarray) -> np.ndarray:
+    """Mask dropping rows equal to the row before (sorted: the same image's equal rows)."""
+    keep = np.ones(len(pair), dtype=bool)
+    keep[1:] = pair[1:] != pair[:-1]
+    return keep
+
+
+def _has_repeats(pair: np.ndarray) -> bool:
+    return len(np.unique(pair)) != len(pair)
+
+
+def _first_of_each(pair: np.ndarray) -> np.ndarray:
+    """Mask keeping the first row of each pair code anywhere in sorted order."""
+    _, first = np.unique(pair, return_index=True)
+    keep = np.zeros(len(pair), dtype=bool)
+    keep[first] = True
+    return keep
+
+
+def _rank_in_runs(group: np.ndarray) -> np.ndarray:
+    """1-based position of each row within its run of equal `group` values."""
+    start = np.ones(len(group), dtype=bool)
+    start[1:] = group[1:] != group[:-1]
     starts = np.flatnonzero(start)
-    group = np.cumsum(start) - 1
-    return np.arange(len(unit)) - starts[group] + 1
+    return np.arange(len(group)) - starts[np.cumsum(start) - 1] + 1
