@@ -60,6 +60,7 @@ def reindex(
         check_out(root, p)  # an empty OUT, or a refusal to write among foreign files
     with versions.Lock(root) as lock:
         prev = versions.previous(root)
+        prev_id = versions.latest(root) or ("index" if prev else None)
         mode = decide(p, prev, full)
         if mode == "incremental":
             delta = compare(p, prev[0])
@@ -71,7 +72,8 @@ def reindex(
         run_id = versions.new_run_id()
         target = versions.version(root, run_id)
         manifest = execute(p, root, target, shards, progress, started, lock.heartbeat)
-        report = write_report(target, run_id, prev, mode, delta, counts, manifest, started)
+        previous = (prev_id, prev)
+        report = write_report(target, run_id, previous, mode, delta, counts, manifest, started)
         versions.set_latest(root, run_id)
         if keep:
             report["pruned"] = versions.prune(root, keep)
@@ -224,14 +226,18 @@ def _top_lists(store: Store, layer: str) -> dict[int, list[str]]:
     return lists
 
 
-def write_report(target, run_id, prev, mode, delta, counts, manifest, started) -> dict[str, Any]:
-    """report.parquet (one row) and drift.parquet in the version; return the report."""
+def write_report(target, run_id, previous, mode, delta, counts, manifest, started) -> dict:
+    """report.parquet (one row) and drift.parquet in the version; return the report.
+
+    `previous` is (its run id, or "index" for a plain index run; (store, manifest)) or (None, None).
+    """
+    prev_id, prev = previous
     drifted = drift(prev[0], target, tuple(manifest["layers"])) if prev else None
     seconds = time.time() - started
     processed = manifest["counts"]["computed_shards"]
     report = {
         "run_id": run_id,
-        "previous": prev[1]["run"] if prev else None,
+        "previous": prev_id,
         "mode": mode,
         "images": manifest["counts"]["images"],
         "images_new": len(delta.new),
