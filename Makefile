@@ -24,6 +24,7 @@ bench: setup
 	$(PY) bench/bench_map.py --write BENCHMARKS.md
 	$(PY) bench/bench_map.py --model resnet50 --layers layer1,layer2,layer3,layer4 --images 128 --write BENCHMARKS.md
 	$(PY) bench/bench_deconv.py --write BENCHMARKS.md
+	$(PY) bench/bench_export.py --write BENCHMARKS.md
 	$(PY) bench/bench_reduce.py --write BENCHMARKS.md
 	$(PY) bench/bench_memory.py --write BENCHMARKS.md
 

@@ -64,17 +64,19 @@ def write(
     summary: dict,
     grids: dict[str, tuple[int, int]],
     pages: dict[str, str],
+    history: dict[tuple[str, int], list[dict]] | None = None,
 ) -> str:
     """Write the atlas under `store` (the export folder); return the index page's path.
 
     rows: export rows (schema "export"); grids: grid path -> (width, height); pages: layer ->
-    its safe file name part.
+    its safe file name part; history: (layer, unit) -> that unit's rows in every version of a
+    reindexed output (`versions.history`), shown under the unit when there are several.
     """
     by_layer: dict[str, list[dict]] = {layer: [] for layer in pages}
     for row in rows:
         by_layer[row["layer"]].append(row)
     for layer, layer_rows in by_layer.items():
-        page = layer_page(layer, layer_rows, grids)
+        page = layer_page(layer, layer_rows, grids, history or {})
         store.write_bytes(f"atlas/layer-{pages[layer]}.html", page.encode("utf-8"))
     store.write_bytes("atlas/index.html", index_page(summary, by_layer, pages).encode("utf-8"))
     return "atlas/index.html"
@@ -114,7 +116,7 @@ def index_page(summary: dict, by_layer: dict[str, list[dict]], pages: dict[str, 
     return "".join(parts)
 
 
-def layer_page(layer: str, rows: list[dict], grids: dict[str, tuple[int, int]]) -> str:
+def layer_page(layer: str, rows: list[dict], grids: dict[str, tuple[int, int]], history) -> str:
     units: dict[int, list[dict]] = {}
     for row in rows:
         units.setdefault(row["unit"], []).append(row)
@@ -125,7 +127,10 @@ def layer_page(layer: str, rows: list[dict], grids: dict[str, tuple[int, int]]) 
         f"<h1>Layer {text(layer)}</h1>\n",
         f'<nav class="units">Units: {links}</nav>\n',
     ]
-    parts.extend(unit_section(layer, unit, unit_rows, grids) for unit, unit_rows in units.items())
+    parts.extend(
+        unit_section(layer, unit, unit_rows, grids) + history_table(history.get((layer, unit), []))
+        for unit, unit_rows in units.items()
+    )
     parts.append(TAIL)
     return "".join(parts)
 
@@ -143,6 +148,28 @@ def unit_section(layer: str, unit: int, rows: list[dict], grids: dict) -> str:
         "<th>box (top, left, bottom, right)</th><th>files</th></tr>\n"
         + "".join(row_html(row) for row in rows)
         + "</table>\n</section>\n"
+    )
+
+
+def history_table(rows: list[dict]) -> str:
+    """The unit's top images in each version (Zeiler & Fergus Fig. 4), if there are several."""
+    by_version: dict[str, list[dict]] = {}
+    for row in sorted(rows, key=lambda r: (r["version"], r["rank"])):
+        by_version.setdefault(row["version"], []).append(row)
+    if len(by_version) < 2:
+        return ""
+    lines = "".join(
+        f"<tr><td><code>{text(version)}</code></td><td>"
+        + "<br>".join(
+            f"{r['rank']}. <bdi>{text(r['image_id'])}</bdi> ({r['activation']:.4g})" for r in ranked
+        )
+        + "</td></tr>\n"
+        for version, ranked in by_version.items()
+    )
+    return (
+        "<details><summary>History across versions (oldest first)</summary>\n"
+        f"<table>\n<tr><th>version</th><th>top images (activation)</th></tr>\n{lines}</table>\n"
+        "</details>\n"
     )
 
 

@@ -85,7 +85,7 @@ def run_history(args: argparse.Namespace) -> int:
     from .versions import history
 
     table = history(Store(args.out, storage_options(args.storage_options)), args.layer, args.unit)
-    frame = table.to_pandas()
+    frame = table.drop_columns(["unit"]).to_pandas()
     print(f"{args.layer} unit {args.unit}: top images in each version, oldest first")
     print(frame.to_string(index=False))
     return 0

@@ -251,12 +251,25 @@ def export(
     exported = table.to_pylist()
     filters = write_filters(target, job.model)
     summary = _summary(target, job, table, filters, units)
-    atlas.write(target, exported, summary, grids, {name: safe_name(name) for name in job.chosen})
+    pages = {name: safe_name(name) for name in job.chosen}
+    atlas.write(target, exported, summary, grids, pages, unit_history(out, job, storage_options))
     target.write_parquet("export.parquet", table)
     summary["timings"] = {"total_seconds": round(time.time() - started, 3)}
     target.write_json(SUMMARY, summary)
     _say(progress, _line(summary))
     return summary
+
+
+def unit_history(out: str, job: Job, storage_options) -> dict[tuple[str, int], list[dict]]:
+    """Every chosen unit's rows in every version, when OUT was built by `ninebest reindex`."""
+    root = Store(out, storage_options)
+    if not versions.complete(root):
+        return {}
+    found: dict[tuple[str, int], list[dict]] = {}
+    for layer, units in job.chosen.items():
+        for row in versions.history(root, layer, units).to_pylist():
+            found.setdefault((layer, row["unit"]), []).append(row)
+    return found
 
 
 def prepare(out: str, layers, units, storage_options: dict | None) -> Job:

@@ -133,15 +133,16 @@ def prune(store: Store, keep: int) -> list[str]:
     return removed
 
 
-def history(store: Store, layer: str, unit: int) -> pa.Table:
-    """One unit's top-k in every complete version, oldest first: version, rank, activation, ..."""
+def history(store: Store, layer: str, units: int | list[int]) -> pa.Table:
+    """Units' top-k in every complete version, oldest first: version, unit, rank, activation, ..."""
+    wanted = pa.array([units] if isinstance(units, int) else list(units), pa.int32())
     tables = []
     for run_id in complete(store):
         rel = f"{ROOT}/{run_id}/index/{layer}.parquet"
         if not store.exists(rel):
             continue
         rows = store.read_parquet(rel)
-        rows = rows.filter(pc.equal(rows["unit"], unit))
+        rows = rows.filter(pc.is_in(rows["unit"], value_set=wanted))
         tables.append(
             rows.append_column("version", pa.array([run_id] * rows.num_rows, pa.string()))
         )
@@ -151,4 +152,4 @@ def history(store: Store, layer: str, unit: int) -> pa.Table:
             "run `ninebest reindex` first, or check --layer"
         )
     table = pa.concat_tables(tables)
-    return table.select(["version", "rank", "activation", "image_id", "y", "x"])
+    return table.select(["version", "unit", "rank", "activation", "image_id", "y", "x"])
