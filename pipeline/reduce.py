@@ -37,9 +37,14 @@ def merge_partials(store: Store, records: list[dict[str, Any]], k: int) -> pa.Ta
     state = empty("partial")
     for start in range(0, len(records), GROUP):
         group = records[start : start + GROUP]
-        tables = [partials.read_table(store, record, "topk") for record in group]
-        state = merge([state, *(conform(t, "partial") for t in tables)], k)
+        tables = [top(partials.read_table(store, record, "topk"), k) for record in group]
+        state = merge([state, *tables], k)
     return conform(state, "index")
+
+
+def top(partial: pa.Table, k: int) -> pa.Table:
+    """A partial's first k rows per unit (its rows beyond k, the reindex buffer, cannot win)."""
+    return conform(partial.filter(pc.less_equal(partial["rank"], k)), "partial")
 
 
 def write_images(root: Store, records: list[dict[str, Any]], target: Store) -> tuple[int, int]:
