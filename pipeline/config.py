@@ -155,6 +155,7 @@ def build_index_config(spec: dict[str, Any], flags: dict[str, Any]) -> IndexConf
     for key in sorted(unknown):
         valid = sorted(INDEX_KEYS | PREPROCESS_KEYS)
         raise ConfigError(f"unknown setting {key!r}; valid settings: {closest(key, valid, n=8)}")
+    merged = {key: _typed(key, value) for key, value in merged.items()}
     for required in ("model", "data", "layers", "out"):
         if merged.get(required) in (None, "", []):
             raise ConfigError(f"--{required} is required (on the command line or in --config)")
@@ -163,6 +164,26 @@ def build_index_config(spec: dict[str, Any], flags: dict[str, Any]) -> IndexConf
     merged["layers"] = parse_list(merged["layers"])
     merged["storage_options"] = storage_options(merged.get("storage_options"))
     return IndexConfig(preprocess=pre, **merged)
+
+
+INTS = {"k", "buffer", "workers", "batch_size", "shard_size", "decode_threads", "resize", "crop",
+        "max_pixels"}  # fmt: skip
+FLOATS = {"max_bad_fraction"}
+
+
+def _typed(key: str, value: Any) -> Any:
+    """A spec value converted to its setting's type, or a one-line error naming the setting."""
+    kind = int if key in INTS else float if key in FLOATS else None
+    if kind is None or value is None or (type(value) is kind and not isinstance(value, bool)):
+        return value
+    try:
+        if isinstance(value, bool) or (kind is int and isinstance(value, float)):
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        flag = "--" + key.replace("_", "-")
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{flag} must be {what}, got {value!r}") from None
 
 
 def parse_list(value: str | list | tuple) -> tuple[str, ...]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import fsspec
@@ -46,12 +47,20 @@ def list_images(data: str, storage_options: dict | None = None) -> list[ImageRef
     if fs.isdir(path):
         refs = _list_folder(fs, path)
     elif path.endswith(MANIFEST_SUFFIXES):
-        refs = _read_manifest(fs, path, data)
+        refs = _stat(_read_manifest(fs, path, data), storage_options or {})
     else:
         raise DataError(
             f"--data {data!r} is a file but not a manifest; pass a folder, or a "
             f"{' or '.join(MANIFEST_SUFFIXES)} file listing image URIs"
         )
+    for ref in refs:
+        try:
+            ref.image_id.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(
+                f"file name {ref.image_id!r} under --data is not valid UTF-8; rename it "
+                "(image ids are stored as UTF-8 strings)"
+            ) from None
     return sorted(refs, key=lambda r: r.image_id)
 
 
@@ -100,6 +109,25 @@ def _read_manifest(fs: fsspec.AbstractFileSystem, path: str, data: str) -> list[
         )
     base = posixpath.dirname(path)
     return [ImageRef(u, _resolve(fs, base, u)) for u in uris]
+
+
+def _stat(refs: list[ImageRef], storage_options: dict) -> list[ImageRef]:
+    """Size and stamp of every manifest entry, so rewritten files are noticed (resume, reindex).
+
+    One metadata request per entry, 16 at a time; an entry that does not exist keeps None and
+    is reported as unreadable when the map stage reads it.
+    """
+
+    def stat(ref: ImageRef) -> ImageRef:
+        try:
+            fs, path = fsspec.core.url_to_fs(ref.uri, **storage_options)
+            info = fs.info(path)
+        except Exception:  # missing or unreachable: the map stage records why it cannot read it
+            return ref
+        return ImageRef(ref.image_id, ref.uri, info.get("size"), _stamp(info))
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(stat, refs))
 
 
 def _resolve(fs: fsspec.AbstractFileSystem, base: str, uri: str) -> str:

@@ -23,13 +23,20 @@ MAX_ATTEMPTS = 3  # per task, across actor deaths and unexpected errors
 
 def actor_options(workers: int, threads: int, tasks: int) -> tuple[int, dict[str, Any]]:
     """(actor count, Ray options) for `tasks` tasks on the connected cluster."""
-    resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
-    if gpus >= 1:
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    gpus = sum(int(n.get("GPU", 0)) for n in nodes)
+    if gpus >= 1:  # one actor per GPU, with the CPUs its node can spare per GPU
+        per_gpu = min(int(n.get("CPU", 0)) // int(n["GPU"]) for n in nodes if n.get("GPU", 0) >= 1)
         count = min(gpus, tasks)
-        return count, {"num_gpus": 1, "num_cpus": max(1, min(threads, cpus // count))}
-    count = min(workers, tasks)
-    return count, {"num_cpus": max(1, cpus // count)}
+        return count, {"num_gpus": 1, "num_cpus": max(1, min(threads, per_gpu))}
+    # CPU actors: no more than the cluster's CPUs, and each must fit on a node (an actor that
+    # cannot be placed would wait forever)
+    node_cpus = [int(n.get("CPU", 0)) for n in nodes if n.get("CPU", 0) >= 1] or [1]
+    count = max(1, min(workers, tasks, sum(node_cpus)))
+    share = max(1, sum(node_cpus) // count)
+    while share > 1 and sum(c // share for c in node_cpus) < count:
+        share -= 1
+    return count, {"num_cpus": share}
 
 
 class Pool:

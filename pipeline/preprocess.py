@@ -38,8 +38,12 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def decode(data: bytes, max_pixels: int) -> Decoded:
-    """Decode `data` to an oriented RGB image, or raise BadImage saying why."""
+def decode(data: bytes, max_pixels: int, resize: int = 0) -> Decoded:
+    """Decode `data` to an oriented RGB image, or raise BadImage saying why.
+
+    Refused before decoding: more than `max_pixels` pixels, or an aspect ratio so extreme that
+    resizing the shorter side to `resize` would exceed `max_pixels`.
+    """
     if not data:
         raise BadImage("empty file")
     try:
@@ -51,6 +55,13 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
                 raise BadImage(
                     f"{image.width}x{image.height} = {pixels} pixels, over the limit of "
                     f"{max_pixels} (--max-pixels)"
+                )
+            short, long = sorted((max(1, image.width), max(1, image.height)))
+            upscaled = resize * resize * long // short  # area after the shorter side is resized
+            if upscaled > max_pixels:
+                raise BadImage(
+                    f"{image.width}x{image.height} would be resized to {upscaled} pixels "
+                    f"(shorter side to the resize size), over the limit of {max_pixels}"
                 )
             image.load()
             image = ImageOps.exif_transpose(image)

@@ -32,6 +32,7 @@ from .progress import Progress
 from .run import Plan, check_out, execute, plan, write_run_file
 from .storage import Store
 from .topk import merge
+from .worker import READ_FAILED
 
 COMPARED = ("model", "layers", "k", "buffer", "preprocess", "data")  # need --full to change
 
@@ -74,6 +75,7 @@ def reindex(
         manifest = execute(p, root, target, shards, progress, started, lock.heartbeat)
         previous = (prev_id, prev)
         report = write_report(target, run_id, previous, mode, delta, counts, manifest, started)
+        lock.heartbeat()  # still ours: only then publish and prune
         versions.set_latest(root, run_id)
         if keep:
             report["pruned"] = versions.prune(root, keep)
@@ -100,14 +102,19 @@ def decide(p: Plan, prev: tuple[Store, dict] | None, full: bool) -> str:
 
 def compare(p: Plan, prev: Store) -> Delta:
     """Classify today's images against the previous version's images table."""
-    images = prev.read_parquet("images.parquet").select(["image_id", "stamp", "bytes"]).to_pylist()
+    columns = ["image_id", "stamp", "bytes", "error"]
+    images = prev.read_parquet("images.parquet").select(columns).to_pylist()
     before = {row["image_id"]: row for row in images}
     delta = Delta(removed=set(before) - {ref.image_id for ref in p.refs})
     for ref in p.refs:
         row = before.get(ref.image_id)
         if row is None:
             delta.new.append(ref)
-        elif row["stamp"] != ref.stamp or row["bytes"] not in (None, ref.size):
+        elif (
+            row["stamp"] != ref.stamp
+            or row["bytes"] not in (None, ref.size)
+            or (row["error"] or "").startswith(READ_FAILED)  # not the file's fault: read again
+        ):
             delta.changed.append(ref)
         else:
             delta.unchanged += 1

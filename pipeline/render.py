@@ -112,7 +112,7 @@ class Renderer:
         try:
             with fsspec.open(job.uri, "rb", **self.s.storage_options) as f:
                 data = f.read()
-            decoded = decode(data, self.s.preprocess.max_pixels)
+            decoded = decode(data, self.s.preprocess.max_pixels, self.s.preprocess.resize)
         except (BadImage, OSError) as e:
             return job, None, f"unreadable at export: {str(e) or type(e).__name__}"
         if decoded.image_hash != job.image_hash:

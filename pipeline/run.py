@@ -146,6 +146,7 @@ def execute(
     map_seconds = time.time() - map_started
     ordered = [records[s.key] for s in shards]
     reduce_started = time.time()
+    target.remove(MANIFEST)  # rewriting the outputs: OUT is incomplete until the new manifest
     total, bad = write_images(root, ordered, target)
     check_bad_fraction(p.cfg, target, total, bad)
     index_table = merge_partials(root, ordered, p.cfg.k)

@@ -84,6 +84,7 @@ class Lock:
     )
 
     def __enter__(self) -> Lock:
+        self.since = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         if self.store.exists(LOCK):
             held = self.store.read_json(LOCK)
             if held.get("expires", 0) > time.time():
@@ -93,11 +94,30 @@ class Lock:
                     f"{held.get('since')}); wait for it, or remove {LOCK} if that run is dead "
                     f"(it expires by itself at {until})"
                 )
-        self.since = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            self.store.remove(LOCK)  # expired: its owner died
+        if self.store.local:  # create-if-absent is atomic on a local filesystem
+            self._create_exclusively()
         self.heartbeat()
         return self
 
+    def _create_exclusively(self) -> None:
+        path = self.store.path(LOCK)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            raise DataError(
+                f"another reindex took the lock on {self.store.url!r} a moment ago; wait for it"
+            ) from None
+        os.close(fd)
+
     def heartbeat(self) -> None:
+        """Extend the lock; stop if another run holds it (an expired lock taken over)."""
+        if self.store.exists(LOCK) and self.store.read_bytes(LOCK).strip():
+            if self.store.read_json(LOCK).get("owner") != self.owner:
+                raise DataError(
+                    f"another reindex took the lock on {self.store.url!r}; this run stops"
+                )
         record = {"owner": self.owner, "since": self.since, "expires": time.time() + self.ttl}
         self.store.write_json(LOCK, record)
         if self.store.read_json(LOCK).get("owner") != self.owner:

@@ -9,6 +9,7 @@ pass under inference mode with `Capture` hooks, and fold each layer's spatial ma
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import resource
 import time
@@ -124,14 +125,35 @@ class ShardIndexer:
     def _load_one(self, item: tuple[int, ImageRef]) -> Loaded:
         position, ref = item
         try:
-            with fsspec.open(ref.uri, "rb", **self.cfg.storage_options) as f:
-                data = f.read()
-            decoded = decode(data, self.cfg.preprocess.max_pixels)
-        except (BadImage, OSError) as e:  # OSError: vanished or unreadable file
-            return Loaded(position, ref, None, error=str(e) or type(e).__name__)
+            data = read_bytes(ref.uri, self.cfg.storage_options)
+        except OSError as e:  # vanished, or still failing after retries
+            return Loaded(position, ref, None, error=f"{READ_FAILED}{type(e).__name__}: {e}")
+        try:
+            decoded = decode(data, self.cfg.preprocess.max_pixels, self.cfg.preprocess.resize)
+        except BadImage as e:
+            return Loaded(position, ref, None, error=str(e))
         pixels = to_uint8(decoded.image, self.cfg.preprocess)
         height, width = decoded.image.height, decoded.image.width
         return Loaded(position, ref, pixels, decoded.image_hash, decoded.nbytes, height, width)
+
+
+READ_FAILED = "read failed: "  # prefix of errors a rerun should retry (not the file's fault)
+READ_ATTEMPTS = 3
+
+
+def read_bytes(uri: str, storage_options: dict) -> bytes:
+    """The file's bytes, retrying transient failures (throttling, dropped connections)."""
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            with fsspec.open(uri, "rb", **storage_options) as f:
+                return f.read()
+        except (FileNotFoundError, PermissionError, IsADirectoryError):
+            raise
+        except OSError:
+            if attempt == READ_ATTEMPTS - 1:
+                raise
+            time.sleep(0.2 * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def _prefetch(fn: Callable, items: Iterable, threads: int, window: int) -> Iterator:
@@ -150,7 +172,7 @@ def _batched(stream: Iterator[Loaded], size: int, seen: list[Loaded]) -> Iterato
     """Group decodable images into batches of `size`; every item, bad or good, goes to `seen`."""
     batch: list[Loaded] = []
     for item in stream:
-        seen.append(item)
+        seen.append(dataclasses.replace(item, pixels=None))  # metadata only: memory stays flat
         if item.error is not None:
             continue
         batch.append(item)

@@ -81,6 +81,15 @@ def test_every_mode_is_indexed_and_broken_files_are_recorded(odd_images, tmp_pat
     assert manifest["counts"] == {**manifest["counts"], "images": 10, "indexed": 6, "bad": 4}
 
 
+def test_more_workers_than_cpus_still_finishes(odd_images, tmp_path):
+    """3 workers on a 2-CPU instance: the pool shrinks to what fits instead of waiting forever."""
+    cfg = IndexConfig(
+        model="tiny_models:tiny", data=str(odd_images), layers=("fc",), out=str(tmp_path / "o"),
+        workers=3, shard_size=2, max_bad_fraction=0.5,
+    )  # fmt: skip
+    assert index(cfg, Progress(quiet=True))["counts"]["indexed"] == 6
+
+
 def test_output_holding_another_run_is_refused(odd_images, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(odd_images, tmp_path / "data")

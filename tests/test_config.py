@@ -55,6 +55,8 @@ def test_relative_paths_become_absolute_but_weights_names_stay(tmp_path, monkeyp
         ({"out": None}, "--out is required"),
         ({"storage_options": "[1]"}, "must be a JSON object"),
         ({"kay": 3}, "unknown setting 'kay'"),
+        ({"max_bad_fraction": "5%"}, "--max-bad-fraction must be a number, got '5%'"),
+        ({"resize": "big"}, "--resize must be a whole number"),
     ],
 )
 def test_invalid_settings_name_the_flag(change, message):

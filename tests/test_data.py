@@ -36,10 +36,13 @@ def test_fsspec_url_listing():
 
 def test_text_manifest_keeps_uris_as_ids_and_resolves_relative_entries(tmp_path):
     touch(tmp_path / "imgs" / "a.jpg")
-    (tmp_path / "list.txt").write_text("# comment\nimgs/a.jpg\n\n/abs/b.jpg\ns3://bucket/c.jpg\n")
+    (tmp_path / "list.txt").write_text(
+        "# comment\nimgs/a.jpg\n\n/abs/b.jpg\nmemory://bucket/c.jpg\n"
+    )
     refs = list_images(str(tmp_path / "list.txt"))
-    assert [r.image_id for r in refs] == ["/abs/b.jpg", "imgs/a.jpg", "s3://bucket/c.jpg"]
+    assert [r.image_id for r in refs] == ["/abs/b.jpg", "imgs/a.jpg", "memory://bucket/c.jpg"]
     assert refs[1].uri == str(tmp_path / "imgs" / "a.jpg")
+    assert refs[1].size == 1 and refs[1].stamp is not None  # stat'ed: rewrites are noticed
 
 
 def test_parquet_manifest_and_its_errors(tmp_path):
@@ -54,6 +57,13 @@ def test_duplicate_manifest_entries_are_refused(tmp_path):
     (tmp_path / "m.txt").write_text("a.jpg\nb.jpg\na.jpg\n")
     with pytest.raises(DataError, match="more than once.*'a.jpg'"):
         list_images(str(tmp_path / "m.txt"))
+
+
+def test_file_names_that_are_not_utf8_are_refused(tmp_path):
+    (tmp_path / "ok.jpg").write_bytes(b"x")
+    (tmp_path / b"caf\xe9.jpg".decode("utf-8", "surrogateescape")).write_bytes(b"x")
+    with pytest.raises(DataError, match="not valid UTF-8; rename it"):
+        list_images(str(tmp_path))
 
 
 def test_missing_path_and_non_manifest_file(tmp_path):

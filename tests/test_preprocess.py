@@ -66,6 +66,12 @@ def png_claiming(width: int, height: int) -> bytes:
     )
 
 
+def test_extreme_aspect_ratio_is_refused_before_upscaling():
+    sliver = encoded(Image.new("L", (40000, 1)))  # 90 bytes, but 256 x 10,240,000 once resized
+    with pytest.raises(BadImage, match="would be resized to"):
+        decode(sliver, LIMIT, resize=256)
+
+
 def test_decompression_bomb_is_refused_before_decoding():
     with pytest.raises(BadImage, match="decompression bomb"):
         decode(png_claiming(100_000, 100_000), LIMIT)
