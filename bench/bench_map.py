@@ -99,7 +99,7 @@ def main() -> None:
         shard = plan_shards(refs, a.images)[0]
         worker = ShardIndexer(cfg, "bench", loaded.fingerprint, a.threads)
         start = time.perf_counter()
-        decoded = [item.pixels for item in worker._load_all(shard.refs)]
+        decoded = [item.pixels for item in worker._load_all(shard)]
         decode_rate = len(decoded) / (time.perf_counter() - start)
         batches = [
             torch.stack(decoded[i : i + a.batch_size]) for i in range(0, len(decoded), a.batch_size)

@@ -1,15 +1,26 @@
-"""Datasets: list images from a folder, an fsspec URL or a manifest, and cut them into shards.
+"""Datasets: list images from a folder, URL, pattern or manifest, and cut them into shards.
 
-`image_id` is stable across runs: the path relative to the dataset root (forward slashes), or the
-URI exactly as a manifest writes it. Images are sorted by `image_id` and cut into consecutive
-shards of `shard_size`; a shard's key hashes its ids, file sizes and stamps (modification time or
+A listing holds loose image files and containers: WebDataset-style `.tar` shards and Parquet files
+of image bytes (see `sources`), which is how datasets of 10^8 images and more are stored. Only
+files are listed, never the images inside a container, so the driver's listing grows with the
+number of files. `image_id` is stable across runs: the path relative to the dataset root (forward
+slashes), or the URI exactly as a manifest writes it; an image inside a container is
+`<container id>/<member>`. `--data` may be a brace or glob pattern
+(`s3://bucket/laion/{00000..41407}.tar`, `/data/*.parquet`); ids are then relative to the
+pattern's fixed leading folder.
+
+Loose images are sorted by `image_id` and cut into consecutive shards of `shard_size`; each
+container is one shard. A shard's key hashes its ids, file sizes and stamps (modification time or
 ETag, as the listing reports them), so a resumed run reuses a partial only for the same files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
 import posixpath
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -23,6 +34,9 @@ IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
 )  # fmt: skip
 MANIFEST_SUFFIXES = (".txt", ".parquet")
+CONTAINER_KINDS = {".tar": "tar", ".parquet": "parquet"}  # suffix -> kind of container
+CONTAINER_KEY = "c-"  # shard keys of containers start with this
+PATTERN = re.compile(r"\{[^{}]*\}|[*?\[]")  # brace ranges/alternatives and glob characters
 
 
 @dataclass(frozen=True)
@@ -31,27 +45,47 @@ class ImageRef:
     uri: str  # local path or fsspec URL to read the bytes from
     size: int | None = None  # bytes, when the listing knows it
     stamp: str | None = None  # modification time or ETag, when the listing knows it
+    kind: str = "image"  # "image", or a container of many images: "tar" or "parquet"
+
+    @property
+    def container(self) -> bool:
+        return self.kind != "image"
 
 
 @dataclass(frozen=True)
 class Shard:
     key: str  # "<ordinal>-<digest>": unique for these images at these sizes
-    refs: tuple[ImageRef, ...]  # sorted by image_id
+    refs: tuple[ImageRef, ...]  # sorted by image_id; a container shard holds one container
+
+    @property
+    def container(self) -> ImageRef | None:
+        """The container this shard streams, or None for a shard of loose images."""
+        return self.refs[0] if self.key.startswith(CONTAINER_KEY) else None
 
 
 def list_images(data: str, storage_options: dict | None = None) -> list[ImageRef]:
-    """Every image under `data` (folder, URL or manifest), sorted by image_id."""
-    fs, path = fsspec.core.url_to_fs(data, **(storage_options or {}))
-    if not fs.exists(path):
+    """Every image and container under `data` (folder, URL, pattern or manifest), sorted by id."""
+    options = storage_options or {}
+    fs, path = fsspec.core.url_to_fs(data, **options)
+    if not fs.exists(path) and PATTERN.search(path):
+        refs = _list_pattern(fs, path, options)
+        if not refs:
+            raise InputNotFoundError(f"--data pattern {data!r} matches no images or containers")
+    elif not fs.exists(path):
         raise InputNotFoundError(f"--data {data!r} does not exist; pass a folder, URL or manifest")
-    if fs.isdir(path):
+    elif fs.isdir(path):
         refs = _list_folder(fs, path)
+    elif path.endswith(".parquet") and not _is_manifest(fs, path, data):
+        refs = [_entry(fs, path, posixpath.basename(path), fs.info(path))]
     elif path.endswith(MANIFEST_SUFFIXES):
-        refs = _stat(_read_manifest(fs, path, data), storage_options or {})
+        refs = _stat(_read_manifest(fs, path, data), options)
+    elif kind_of(path) == "tar":
+        refs = [_entry(fs, path, posixpath.basename(path), fs.info(path))]
     else:
         raise DataError(
-            f"--data {data!r} is a file but not a manifest; pass a folder, or a "
-            f"{' or '.join(MANIFEST_SUFFIXES)} file listing image URIs"
+            f"--data {data!r} is a file but not a manifest or a container; pass a folder, a "
+            f"{' or '.join(MANIFEST_SUFFIXES)} file listing image URIs, a .tar of images or a "
+            ".parquet of image bytes"
         )
     for ref in refs:
         try:
@@ -64,16 +98,92 @@ def list_images(data: str, storage_options: dict | None = None) -> list[ImageRef
     return sorted(refs, key=lambda r: r.image_id)
 
 
+def kind_of(path: str) -> str | None:
+    """'image', a container kind ('tar', 'parquet'), or None for any other file."""
+    lower = path.lower()
+    if lower.endswith(IMAGE_EXTENSIONS):
+        return "image"
+    return next((kind for suffix, kind in CONTAINER_KINDS.items() if lower.endswith(suffix)), None)
+
+
+def _entry(fs: fsspec.AbstractFileSystem, path: str, image_id: str, info: dict) -> ImageRef:
+    kind = kind_of(path) or "image"
+    return ImageRef(image_id, _uri(fs, path), info.get("size"), _stamp(info), kind)
+
+
 def _list_folder(fs: fsspec.AbstractFileSystem, root: str) -> list[ImageRef]:
     root = root.rstrip("/")
     found = fs.find(root, detail=True)
-    refs = []
-    for path, info in found.items():
-        if info.get("type") != "file" or not path.lower().endswith(IMAGE_EXTENSIONS):
-            continue
-        image_id = posixpath.relpath(path, root)
-        refs.append(ImageRef(image_id, _uri(fs, path), info.get("size"), _stamp(info)))
-    return refs
+    return [
+        _entry(fs, path, posixpath.relpath(path, root), info)
+        for path, info in found.items()
+        if info.get("type") == "file" and kind_of(path)
+    ]
+
+
+def _list_pattern(fs: fsspec.AbstractFileSystem, pattern: str, options: dict) -> list[ImageRef]:
+    """Files matching brace ranges/alternatives and globs; ids relative to the fixed folder.
+
+    Names produced by braces alone are not listed (10^5 tar shards need no LIST request), only
+    stat'ed like manifest entries; names with glob characters left are listed with `fs.glob`.
+    """
+    fixed = pattern[: PATTERN.search(pattern).start()]
+    base = fixed.rsplit("/", 1)[0] if "/" in fixed else "."
+    refs: dict[str, ImageRef] = {}
+    for name in expand_braces(pattern):
+        if "*" in name or "?" in name or "[" in name:
+            for path, info in fs.glob(name, detail=True).items():
+                if info.get("type") == "file" and kind_of(path):
+                    refs[path] = _entry(fs, path, posixpath.relpath(path, base), info)
+        elif kind_of(name):
+            refs[name] = ImageRef(posixpath.relpath(name, base), _uri(fs, name), kind=kind_of(name))
+    listed = [ref for ref in refs.values() if ref.size is not None]
+    return listed + _stat([ref for ref in refs.values() if ref.size is None], options)
+
+
+MAX_EXPANSION = 10_000_000  # names one brace pattern may produce
+
+
+def expand_braces(text: str) -> list[str]:
+    """`{000..099}` (zero-padded to the first number's width) and `{a,b}` expanded, in order."""
+    match = re.search(r"\{([^{}]*)\}", text)
+    if match is None:
+        return [text]
+    body = match.group(1)
+    numbers = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numbers:
+        first, last = numbers.groups()
+        options = [str(i).zfill(len(first)) for i in range(int(first), int(last) + 1)]
+    elif "," in body:
+        options = body.split(",")
+    else:
+        raise DataError(
+            f"cannot expand {{{body}}} in --data {text!r}; write a range such as {{00000..00999}} "
+            "or alternatives such as {train,val}"
+        )
+    rest = expand_braces(text[match.end() :])
+    if len(options) * len(rest) > MAX_EXPANSION:
+        raise DataError(f"--data {text!r} expands to more than {MAX_EXPANSION:,} names")
+    head = text[: match.start()]
+    return [head + option + tail for option, tail in itertools.product(options, rest)]
+
+
+def _is_manifest(fs: fsspec.AbstractFileSystem, path: str, data: str) -> bool:
+    """A .parquet with a 'uri' column lists images; one with a column of image bytes holds them."""
+    from .sources import image_column  # sources reads what this module lists
+
+    with fs.open(path, "rb") as f:
+        schema = pq.read_schema(f)
+    if "uri" in schema.names:
+        return True
+    try:
+        image_column(schema, data)
+    except DataError:
+        raise DataError(
+            f"manifest {data!r} has columns {schema.names}; it needs a 'uri' column (a list of "
+            "images) or one column of image bytes (a dataset file)"
+        ) from None
+    return False
 
 
 def _stamp(info: dict) -> str | None:
@@ -108,7 +218,7 @@ def _read_manifest(fs: fsspec.AbstractFileSystem, path: str, data: str) -> list[
             "each image must appear once or it would be counted twice"
         )
     base = posixpath.dirname(path)
-    return [ImageRef(u, _resolve(fs, base, u)) for u in uris]
+    return [ImageRef(u, _resolve(fs, base, u), kind=kind_of(u) or "image") for u in uris]
 
 
 def _stat(refs: list[ImageRef], storage_options: dict) -> list[ImageRef]:
@@ -124,7 +234,7 @@ def _stat(refs: list[ImageRef], storage_options: dict) -> list[ImageRef]:
             info = fs.info(path)
         except Exception:  # missing or unreachable: the map stage records why it cannot read it
             return ref
-        return ImageRef(ref.image_id, ref.uri, info.get("size"), _stamp(info))
+        return dataclasses.replace(ref, size=info.get("size"), stamp=_stamp(info))
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         return list(pool.map(stat, refs))
@@ -138,12 +248,19 @@ def _resolve(fs: fsspec.AbstractFileSystem, base: str, uri: str) -> str:
 
 
 def plan_shards(refs: list[ImageRef], shard_size: int) -> list[Shard]:
-    """Cut sorted refs into consecutive shards of `shard_size`, each with a content-derived key."""
+    """Cut sorted loose images into consecutive shards of `shard_size`, and give each container
+    a shard of its own; every key is derived from the content it covers."""
+    loose = [ref for ref in refs if not ref.container]
     shards = []
-    for ordinal, start in enumerate(range(0, len(refs), shard_size)):
-        chunk = tuple(refs[start : start + shard_size])
+    for ordinal, start in enumerate(range(0, len(loose), shard_size)):
+        chunk = tuple(loose[start : start + shard_size])
         shards.append(Shard(f"{ordinal:06d}-{data_fingerprint(chunk)[:16]}", chunk))
-    return shards
+    return shards + [container_shard(ref) for ref in refs if ref.container]
+
+
+def container_shard(ref: ImageRef) -> Shard:
+    """The shard of one container: the same key for as long as the file is unchanged."""
+    return Shard(f"{CONTAINER_KEY}{data_fingerprint([ref])[:16]}", (ref,))
 
 
 def shard_of(refs: list[ImageRef] | tuple[ImageRef, ...], prefix: str) -> Shard:

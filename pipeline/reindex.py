@@ -7,7 +7,9 @@ per unit (k plus a buffer). Against the previous version (LATEST, or a plain `in
 - shard that lost images (removed, or rewritten, by listing stamp and size): its partial minus
   those images is still exact for a unit if at least min(k, images left) rows remain, so a
   *derived* partial is written without reading a pixel; otherwise the shard is recomputed;
-- new and rewritten images: new shards.
+- new and rewritten images: new shards;
+- containers (tar or Parquet files of images) are reindexed whole: an unchanged file keeps its
+  shard and partial, a new or rewritten one is indexed, a removed one's shard is dropped.
 
 Changed weights mean a full index; changed layers, k, buffer, preprocessing or data source need
 `--full`. The result always equals a from-scratch index of today's data (tests/test_reindex.py).
@@ -26,13 +28,13 @@ import pyarrow as pa
 
 from . import partials, versions
 from .config import IndexConfig
-from .data import ImageRef, Shard, shard_of
+from .data import CONTAINER_KEY, ImageRef, Shard, shard_of
 from .errors import ConfigError
 from .progress import Progress
 from .run import Plan, check_out, execute, plan, write_run_file
+from .sources import READ_FAILED, container_of
 from .storage import Store
 from .topk import merge
-from .worker import READ_FAILED
 
 COMPARED = ("model", "layers", "k", "buffer", "preprocess", "data")  # need --full to change
 
@@ -45,6 +47,8 @@ class Delta:
     changed: list[ImageRef] = field(default_factory=list)
     removed: set[str] = field(default_factory=set)
     unchanged: int = 0
+    containers: dict[str, int] = field(default_factory=dict)  # new, changed, removed, unchanged
+    retry: set[str] = field(default_factory=set)  # container shards whose read failed last time
 
 
 def reindex(
@@ -64,10 +68,14 @@ def reindex(
         prev_id = versions.latest(root) or ("index" if prev else None)
         mode = decide(p, prev, full)
         if mode == "incremental":
-            delta = compare(p, prev[0])
+            delta = compare(p, prev)
             shards, counts = incremental_shards(p, prev, delta, root)
         else:
-            delta, counts = Delta(new=list(p.refs)), {"shards_reused": 0, "shards_derived": 0}
+            delta = Delta(
+                new=[ref for ref in p.refs if not ref.container],
+                containers={"new": sum(ref.container for ref in p.refs)},
+            )
+            counts = {"shards_reused": 0, "shards_derived": 0}
             shards = p.shards
         write_run_file(root, p)
         run_id = versions.new_run_id()
@@ -100,13 +108,14 @@ def decide(p: Plan, prev: tuple[Store, dict] | None, full: bool) -> str:
     return "incremental"
 
 
-def compare(p: Plan, prev: Store) -> Delta:
-    """Classify today's images against the previous version's images table."""
-    columns = ["image_id", "stamp", "bytes", "error"]
-    images = prev.read_parquet("images.parquet").select(columns).to_pylist()
-    before = {row["image_id"]: row for row in images}
-    delta = Delta(removed=set(before) - {ref.image_id for ref in p.refs})
-    for ref in p.refs:
+def compare(p: Plan, prev: tuple[Store, dict]) -> Delta:
+    """Classify today's images and containers against the previous version's."""
+    columns = ["image_id", "uri", "stamp", "bytes", "error", "shard"]
+    images = prev[0].read_parquet("images.parquet").select(columns).to_pylist()
+    before = {row["image_id"]: row for row in images if not _in_container(row["shard"])}
+    loose = [ref for ref in p.refs if not ref.container]
+    delta = Delta(removed=set(before) - {ref.image_id for ref in loose})
+    for ref in loose:
         row = before.get(ref.image_id)
         if row is None:
             delta.new.append(ref)
@@ -118,7 +127,36 @@ def compare(p: Plan, prev: Store) -> Delta:
             delta.changed.append(ref)
         else:
             delta.unchanged += 1
+    _compare_containers(p, prev, images, delta)
     return delta
+
+
+def _in_container(shard_key: str) -> bool:
+    return shard_key.startswith(CONTAINER_KEY)
+
+
+RETRY = "~"  # container shard key + RETRY + failed attempt: the container read again
+
+
+def _base(shard_key: str) -> str:
+    return shard_key.split(RETRY)[0]
+
+
+def _compare_containers(p: Plan, prev: tuple[Store, dict], images: list[dict], delta: Delta):
+    """Containers are compared whole, by their shard key (id, size and stamp of the file)."""
+    rows = [row for row in images if _in_container(row["shard"])]
+    old_files = {container_of(row["uri"]) for row in rows}
+    old_keys = {_base(entry["key"]) for entry in prev[1]["shards"] if _in_container(entry["key"])}
+    delta.retry = {row["shard"] for row in rows if (row["error"] or "").startswith(READ_FAILED)}
+    today = [shard for shard in p.shards if shard.container is not None]
+    counts = dict.fromkeys(("new", "changed", "removed", "unchanged"), 0)
+    for shard in today:
+        if shard.key in old_keys:
+            counts["unchanged"] += 1
+        else:
+            counts["changed" if shard.container.uri in old_files else "new"] += 1
+    counts["removed"] = len(old_files - {shard.container.uri for shard in today})
+    delta.containers = counts
 
 
 def incremental_shards(p: Plan, prev: tuple[Store, dict], delta: Delta, root: Store):
@@ -127,7 +165,21 @@ def incremental_shards(p: Plan, prev: tuple[Store, dict], delta: Delta, root: St
     today = {ref.image_id: ref for ref in p.refs}
     members = _members(prev[0])
     shards, counts = [], {"shards_reused": 0, "shards_derived": 0}
+    attempts = {entry["key"]: entry["attempt"] for entry in prev[1]["shards"]}
+    previous = {_base(key): key for key in attempts if _in_container(key)}
+    for shard in p.shards:  # containers: reused by key; one whose read failed is read again
+        if shard.container is None:
+            continue
+        key = previous.get(shard.key)
+        if key in delta.retry:  # a key of its own, so the failed partial is not reused
+            shard = Shard(f"{shard.key}{RETRY}{attempts[key][:8]}", shard.refs)
+        elif key is not None:
+            shard = Shard(key, shard.refs)
+            counts["shards_reused"] += 1
+        shards.append(shard)
     for entry in prev[1]["shards"]:
+        if _in_container(entry["key"]):
+            continue
         record = {"shard": entry["key"], "attempt": entry["attempt"], "run": prev[1]["run"]}
         ids = members.get(record["shard"], [])
         if not gone.intersection(ids):
@@ -251,6 +303,7 @@ def write_report(target, run_id, previous, mode, delta, counts, manifest, starte
         "images_changed": len(delta.changed),
         "images_removed": len(delta.removed),
         "images_unchanged": delta.unchanged,
+        **{f"containers_{name}": count for name, count in delta.containers.items()},
         "shards": manifest["counts"]["shards"],
         "shards_reused": counts["shards_reused"],
         "shards_derived": counts["shards_derived"],
@@ -265,11 +318,20 @@ def write_report(target, run_id, previous, mode, delta, counts, manifest, starte
     return report
 
 
+def _containers(report: dict[str, Any]) -> str:
+    names = ("new", "changed", "removed", "unchanged")
+    if not any(report.get(f"containers_{name}") for name in names):
+        return ""
+    counts = ", ".join(f"{report.get(f'containers_{name}', 0)} {name}" for name in names)
+    return f"containers {counts}; "
+
+
 def summary_line(report: dict[str, Any]) -> str:
     return (
         f"reindex {report['run_id']} ({report['mode']}): {report['images']} images, "
         f"{report['images_new']} new, {report['images_changed']} changed, "
-        f"{report['images_removed']} removed; shards {report['shards_reused']} reused, "
+        f"{report['images_removed']} removed; {_containers(report)}"
+        f"shards {report['shards_reused']} reused, "
         f"{report['shards_derived']} derived, {report['shards_computed']} computed; "
         f"{report['units_drifted']} units' top-k changed; {report['seconds']:.1f} s"
     )

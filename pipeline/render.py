@@ -28,7 +28,6 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
 import torch
 from PIL import Image
@@ -36,9 +35,10 @@ from torch import nn
 
 from .config import Preprocess
 from .deconv import project
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .models import load_model
 from .preprocess import BadImage, decode, normalize, to_uint8
+from .sources import read_bytes
 from .storage import Store
 from .worker import pick_device
 
@@ -110,10 +110,9 @@ class Renderer:
     def _load(self, job: ImageJob) -> tuple[ImageJob, torch.Tensor | None, str | None]:
         """Read, decode and verify one image, write its patches; return the model input."""
         try:
-            with fsspec.open(job.uri, "rb", **self.s.storage_options) as f:
-                data = f.read()
+            data = read_bytes(job.uri, self.s.storage_options)  # a file, tar member or row
             decoded = decode(data, self.s.preprocess.max_pixels, self.s.preprocess.resize)
-        except (BadImage, OSError) as e:
+        except (BadImage, OSError, DataError) as e:
             return job, None, f"unreadable at export: {str(e) or type(e).__name__}"
         if decoded.image_hash != job.image_hash:
             changed = f"sha256 {decoded.image_hash[:12]}, indexed {job.image_hash[:12]}"

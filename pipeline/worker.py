@@ -5,13 +5,18 @@ Ray actor. For each shard: read and decode images on a thread pool (bounded, ord
 I/O overlaps compute), batch them as uint8, copy to the device, normalise there, run the forward
 pass under inference mode with `Capture` hooks, and fold each layer's spatial maxima into a
 `RunningTopK` on the device. State is O(units x k) per layer, whatever the shard size.
+
+A container shard (a tar or Parquet file of images, see `sources`) is streamed by one reader
+thread into the same decode pool; positions come from the container, in image_id order.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import queue
 import resource
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -19,17 +24,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 import torch
 
-from . import faults, partials
+from . import faults, partials, sources
 from .config import IndexConfig
 from .data import ImageRef, Shard
 from .errors import ConfigError
 from .hooks import Capture
 from .models import load_model, resolve_layers
 from .preprocess import BadImage, decode, normalize, to_uint8
+from .sources import READ_FAILED, Member
 from .storage import Store
 from .topk import RunningTopK
 
@@ -79,26 +84,21 @@ class ShardIndexer:
     def index_shard(self, shard: Shard, units: dict[str, int]) -> dict[str, Any]:
         """Index one shard and commit its partial; return the commit record."""
         start = time.perf_counter()
-        depth = self.cfg.depth
-        topks = {name: RunningTopK(units[name], depth, self.device) for name in self.layers}
-        loaded: list[Loaded] = []
-        with torch.inference_mode(), Capture(self.model, self.layers) as capture:
-            for batch in _batched(self._load_all(shard.refs), self.cfg.batch_size, loaded):
-                positions = torch.tensor([item.position for item in batch])  # (B,)
-                pixels = torch.stack([item.pixels for item in batch])  # (B, 3, crop, crop) uint8
-                x = self._to_device(pixels)  # (B, 3, crop, crop) float32
-                maxima = capture.run(x)
-                positions = positions.to(self.device, non_blocking=True)  # (B,)
-                for name, m in maxima.items():
-                    topks[name].add(m.values, positions, m.ys, m.xs)
-                faults.after_batch()
-        ids = [ref.image_id for ref in shard.refs]
-        hashes = [None] * len(ids)
+        try:
+            topks, loaded = self._index(shard, units, order=None)
+        except sources.Unsorted:  # a tar out of name order: learn the order, then index again
+            order = sources.tar_order(shard.container, self.cfg.storage_options)
+            topks, loaded = self._index(shard, units, order)
+        size = 1 + max((item.position for item in loaded), default=-1)
+        ids: list[str | None] = [None] * size  # by position; None where no image sits
+        hashes: list[str | None] = [None] * size
         for item in loaded:
-            hashes[item.position] = item.image_hash
+            if item.position >= 0:
+                ids[item.position] = item.ref.image_id
+                hashes[item.position] = item.image_hash
         topk_table = pa.concat_tables([t.table(n, ids, hashes) for n, t in topks.items()])
         report = {
-            "images": len(shard.refs),
+            "images": len(loaded),
             "indexed": sum(item.error is None for item in loaded),
             "bad": sum(item.error is not None for item in loaded),
             "rows": topk_table.num_rows,
@@ -112,20 +112,49 @@ class ShardIndexer:
             _images_table(loaded, shard.key), report,
         )  # fmt: skip
 
+    def _index(self, shard: Shard, units: dict[str, int], order: dict[str, int] | None):
+        """(per-layer RunningTopK, every image's metadata in storage order) for one shard."""
+        depth = self.cfg.depth
+        topks = {name: RunningTopK(units[name], depth, self.device) for name in self.layers}
+        loaded: list[Loaded] = []
+        with torch.inference_mode(), Capture(self.model, self.layers) as capture:
+            for batch in _batched(self._load_all(shard, order), self.cfg.batch_size, loaded):
+                positions = torch.tensor([item.position for item in batch])  # (B,)
+                pixels = torch.stack([item.pixels for item in batch])  # (B, 3, crop, crop) uint8
+                x = self._to_device(pixels)  # (B, 3, crop, crop) float32
+                maxima = capture.run(x)
+                positions = positions.to(self.device, non_blocking=True)  # (B,)
+                for name, m in maxima.items():
+                    topks[name].add(m.values, positions, m.ys, m.xs)
+                faults.after_batch()
+        return topks, loaded
+
     def _to_device(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
             pixels = pixels.pin_memory().to(self.device, non_blocking=True)
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         return normalize(pixels, self.cfg.preprocess)  # (B, 3, crop, crop)
 
-    def _load_all(self, refs: tuple[ImageRef, ...]) -> Iterator[Loaded]:
+    def _load_all(self, shard: Shard, order: dict[str, int] | None = None) -> Iterator[Loaded]:
+        """Every image of `shard`, decoded on the thread pool, in storage order."""
         window = 2 * self.cfg.batch_size
-        return _prefetch(self._load_one, enumerate(refs), self.cfg.decode_threads, window)
+        if shard.container is None:
+            items = (Member(i, ref, None) for i, ref in enumerate(shard.refs))
+        else:  # one sequential read of the container, on its own thread
+            stream = sources.members(shard.container, self.cfg.storage_options, order)
+            items = _background(stream, window)
+        return _prefetch(self._load_one, items, self.cfg.decode_threads, window)
 
-    def _load_one(self, item: tuple[int, ImageRef]) -> Loaded:
-        position, ref = item
+    def _load_one(self, item: Member) -> Loaded:
+        position, ref = item.position, item.ref
+        if item.error is not None:
+            return Loaded(position, ref, None, error=item.error)
         try:
-            data = read_bytes(ref.uri, self.cfg.storage_options)
+            data = (
+                item.data
+                if item.data is not None
+                else sources.read_bytes(ref.uri, self.cfg.storage_options)
+            )
         except OSError as e:  # vanished, or still failing after retries
             return Loaded(position, ref, None, error=f"{READ_FAILED}{type(e).__name__}: {e}")
         try:
@@ -137,23 +166,49 @@ class ShardIndexer:
         return Loaded(position, ref, pixels, decoded.image_hash, decoded.nbytes, height, width)
 
 
-READ_FAILED = "read failed: "  # prefix of errors a rerun should retry (not the file's fault)
-READ_ATTEMPTS = 3
+_DONE = object()
 
 
-def read_bytes(uri: str, storage_options: dict) -> bytes:
-    """The file's bytes, retrying transient failures (throttling, dropped connections)."""
-    for attempt in range(READ_ATTEMPTS):
+def _background(items: Iterator, size: int) -> Iterator:
+    """Iterate `items` on a daemon thread, at most `size` ahead; its exceptions re-raise here.
+
+    Stops the thread when the consumer stops early (an error, or a shard restarted).
+    """
+    buffer: queue.Queue = queue.Queue(maxsize=size)
+    stop = threading.Event()
+
+    def put(value: object) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
         try:
-            with fsspec.open(uri, "rb", **storage_options) as f:
-                return f.read()
-        except (FileNotFoundError, PermissionError, IsADirectoryError):
-            raise
-        except OSError:
-            if attempt == READ_ATTEMPTS - 1:
-                raise
-            time.sleep(0.2 * 2**attempt)
-    raise AssertionError("unreachable")
+            for item in items:
+                if not put(item):
+                    return
+            put(_DONE)
+        except BaseException as e:  # handed to the consumer, which raises it
+            put(e)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()  # a generator holding the open file
+
+    thread = threading.Thread(target=produce, daemon=True, name="ninebest-reader")
+    thread.start()
+    try:
+        while (value := buffer.get()) is not _DONE:
+            if isinstance(value, BaseException):
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _prefetch(fn: Callable, items: Iterable, threads: int, window: int) -> Iterator:
