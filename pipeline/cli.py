@@ -119,7 +119,11 @@ def add_index_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="job spec file (YAML or TOML) with keys named like the flags")
     p.add_argument("--model", help="torchvision:NAME or pkg.module:factory")
     p.add_argument("--weights", help="state-dict file/URL, or a torchvision weights name (DEFAULT)")
-    p.add_argument("--data", help="image folder, fsspec URL, or manifest (.txt/.parquet of URIs)")
+    p.add_argument(
+        "--data",
+        help="image folder, fsspec URL, brace/glob pattern, manifest (.txt/.parquet of URIs), "
+        "or .tar / .parquet files of images",
+    )
     p.add_argument(
         "--layers", help="comma-separated dotted module names, e.g. features.10,classifier.4"
     )
@@ -135,6 +139,11 @@ def add_index_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-bad-fraction", type=float, help="fail above this share of bad images")
     p.add_argument("--decode-threads", type=int, help="decoding threads per actor (default 4)")
     p.add_argument("--buffer", type=int, help="extra rows per unit kept per shard (default k)")
+    p.add_argument(
+        "--precision",
+        help="forward pass: auto (bfloat16 on GPUs that support it, else float32), float32 or "
+        "bfloat16",
+    )
     p.add_argument("--storage-options", help="fsspec storage options as a JSON object")
 
 

@@ -19,6 +19,7 @@ import yaml
 
 from .errors import ConfigError, InputNotFoundError, closest
 
+PRECISIONS = ("auto", "float32", "bfloat16")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -59,6 +60,8 @@ class IndexConfig:
     storage_options: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     # fsspec options; may hold credentials, so never printed or written
     decode_threads: int = 4  # decoding threads per actor
+    precision: str = "auto"  # forward pass: "float32", "bfloat16" (autocast), or "auto":
+    # bfloat16 on GPUs that support it, float32 elsewhere
 
     def __post_init__(self) -> None:
         # Ray workers run in other folders: a relative local path must mean the driver's.
@@ -70,6 +73,10 @@ class IndexConfig:
             raise ConfigError(f"--k must be at most 10000, got {self.k}")
         if self.buffer is not None and not 0 <= self.buffer <= 10_000:
             raise ConfigError(f"--buffer must be between 0 and 10000, got {self.buffer}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}"
+            )
         if not self.layers:
             raise ConfigError("no layers given; pass --layers a,b (dotted module names)")
         if len(set(self.layers)) != len(self.layers):

@@ -51,7 +51,8 @@ EXPORT_DIR = "export"
 SUMMARY = "export.json"
 TASK_ROWS = 64  # rows per task (images are never split between tasks)
 UNITS_PER_GRID_TASK = 16
-REL_TOL, ABS_TOL = 1e-3, 1e-5  # recomputed vs stored activation
+REL_TOL, ABS_TOL = 1e-3, 1e-5  # recomputed (float32) vs stored activation
+BF16_REL_TOL = 5e-2  # when the index ran under bfloat16 autocast (8 bits of mantissa)
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 SAFE_PATH = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]*/)*[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
@@ -308,7 +309,7 @@ def run_pool(job: Job, workers: int, progress: Progress) -> tuple[pa.Table, dict
             if done == len(tasks) or time.time() - last >= progress.interval:
                 last = time.time()
                 _say(progress, f"export: {done}/{len(tasks)} tasks, {len(outcomes)} rows")
-        table = finish_rows(job.rows, outcomes)  # paths of unreadable images are now null
+        table = finish_rows(job.rows, outcomes, tolerance(job.manifest))  # unreadable: null paths
         for result in pool.map("render_grids", grid_tasks(table.to_pylist()), items, name):
             grids.update((g["grid_path"], (g["width"], g["height"])) for g in result)
         _say(progress, f"export: {len(grids)} unit grids")
@@ -329,7 +330,7 @@ def grid_tasks(rows: list[dict]) -> list[Task]:
     return [Task(f"grids-{i:06d}", tuple(items[i : i + step])) for i in range(0, len(items), step)]
 
 
-def finish_rows(rows: list[dict], outcomes: dict[int, dict]) -> pa.Table:
+def finish_rows(rows: list[dict], outcomes: dict[int, dict], rel_tol: float = REL_TOL) -> pa.Table:
     """The export table: plan rows plus recomputed activations, checks and errors."""
     columns: dict[str, list] = {name: [] for name in schema("export").names}
     for row in rows:
@@ -338,7 +339,7 @@ def finish_rows(rows: list[dict], outcomes: dict[int, dict]) -> pa.Table:
         record = {
             **row,
             "recomputed_activation": value,
-            "activation_ok": None if value is None else close(value, row["activation"]),
+            "activation_ok": None if value is None else close(value, row["activation"], rel_tol),
             "error": error,
         }
         if error is not None:
@@ -351,8 +352,14 @@ def finish_rows(rows: list[dict], outcomes: dict[int, dict]) -> pa.Table:
     return conform(pa.table(columns, schema=schema("export")), "export")
 
 
-def close(recomputed: float, stored: float) -> bool:
-    return math.isclose(recomputed, stored, rel_tol=REL_TOL, abs_tol=ABS_TOL)
+def close(recomputed: float, stored: float, rel_tol: float = REL_TOL) -> bool:
+    return math.isclose(recomputed, stored, rel_tol=rel_tol, abs_tol=ABS_TOL)
+
+
+def tolerance(manifest: dict) -> float:
+    """Relative tolerance of the activation check: looser for an index run in bfloat16."""
+    precisions = manifest.get("environment", {}).get("precisions", ["float32"])
+    return BF16_REL_TOL if "bfloat16" in precisions else REL_TOL
 
 
 def write_filters(target: Store, model: nn.Module) -> str | None:
@@ -379,7 +386,7 @@ def _summary(target: Store, job: Job, table: pa.Table, filters: str | None, unit
             "activation_mismatches": pc.sum(pc.invert(ok.fill_null(True))).as_py() or 0,
             "errors": table.num_rows - table["error"].null_count,
         },
-        "tolerance": {"relative": REL_TOL, "absolute": ABS_TOL},
+        "tolerance": {"relative": tolerance(job.manifest), "absolute": ABS_TOL},
         "outputs": {"table": "export.parquet", "atlas": "atlas/index.html", "filters": filters},
         "schemas": {"export": VERSIONS["export"]},
     }

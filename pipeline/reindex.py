@@ -36,7 +36,8 @@ from .sources import READ_FAILED, container_of
 from .storage import Store
 from .topk import merge
 
-COMPARED = ("model", "layers", "k", "buffer", "preprocess", "data")  # need --full to change
+COMPARED = ("model", "layers", "k", "buffer", "preprocess", "data", "precision")  # need --full
+BEFORE = {"precision": "auto"}  # settings of versions written before the setting existed
 
 
 @dataclass
@@ -83,7 +84,7 @@ def reindex(
         manifest = execute(p, root, target, shards, progress, started, lock.heartbeat)
         previous = (prev_id, prev)
         report = write_report(target, run_id, previous, mode, delta, counts, manifest, started)
-        lock.heartbeat()  # still ours: only then publish and prune
+        lock.heartbeat(force=True)  # still ours: only then publish and prune
         versions.set_latest(root, run_id)
         if keep:
             report["pruned"] = versions.prune(root, keep)
@@ -97,7 +98,7 @@ def decide(p: Plan, prev: tuple[Store, dict] | None, full: bool) -> str:
         return "full"
     old = prev[1]["config"]
     new = p.cfg.json()
-    differ = [key for key in COMPARED if old.get(key) != new.get(key)]
+    differ = [key for key in COMPARED if old.get(key, BEFORE.get(key)) != new.get(key)]
     if differ:
         raise ConfigError(
             f"this reindex changes {', '.join(differ)} against the previous version of "

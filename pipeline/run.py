@@ -18,6 +18,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,7 @@ from .storage import Store
 from .worker import ShardIndexer
 
 RUN_FILE = "run.json"
+COMMIT_READERS = 32  # commit records read at once when a run starts (resume, reindex)
 MANIFEST = "manifest.json"
 
 
@@ -76,6 +78,7 @@ def run_fingerprint(cfg: IndexConfig, model_fingerprint: str) -> str:
         "k": cfg.k,
         "depth": cfg.depth,
         "preprocess": cfg.to_json()["preprocess"],
+        "precision": cfg.precision,
         "data": cfg.data,
         "schemas": {name: VERSIONS[name] for name in ("partial", "images")},
     }
@@ -133,7 +136,9 @@ def execute(
 
     `on_shard` runs after every finished shard (the reindex lock's heartbeat).
     """
-    records = {s.key: partials.read_commit(root, s.key, p.run_fingerprint) for s in shards}
+    with ThreadPoolExecutor(max_workers=COMMIT_READERS) as readers:  # one request each
+        found = readers.map(lambda s: partials.read_commit(root, s.key, p.run_fingerprint), shards)
+        records = {s.key: record for s, record in zip(shards, found, strict=True)}
     todo = [s for s in shards if records[s.key] is None]
     progress.start(len(shards), len(shards) - len(todo))
     map_started = time.time()
@@ -200,6 +205,7 @@ def _manifest(p: Plan, records, files, rows: int, total: int, bad: int) -> dict:
             "torch": torch.__version__,
             "ray": ray.__version__,
             "devices": sorted({r.get("device", "?") for r in records}),
+            "precisions": sorted({r.get("precision", "float32") for r in records}),
             "worker_peak_rss_mb": max((r.get("peak_rss_mb", 0) for r in records), default=0),
             "driver_peak_rss_mb": round(
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1

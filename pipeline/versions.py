@@ -31,6 +31,7 @@ LATEST = "LATEST"
 LOCK = "_LOCK"
 MANIFEST = "manifest.json"
 LOCK_TTL = 15 * 60  # seconds a lock lives without a heartbeat
+HEARTBEAT_EVERY = LOCK_TTL / 30  # seconds between routine heartbeats, at most one write each
 
 
 def new_run_id() -> str:
@@ -82,6 +83,7 @@ class Lock:
     owner: str = field(
         default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     )
+    beaten: float = 0.0  # when the lock was last extended (time.monotonic)
 
     def __enter__(self) -> Lock:
         self.since = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -97,7 +99,7 @@ class Lock:
             self.store.remove(LOCK)  # expired: its owner died
         if self.store.local:  # create-if-absent is atomic on a local filesystem
             self._create_exclusively()
-        self.heartbeat()
+        self.heartbeat(force=True)
         return self
 
     def _create_exclusively(self) -> None:
@@ -111,8 +113,15 @@ class Lock:
             ) from None
         os.close(fd)
 
-    def heartbeat(self) -> None:
-        """Extend the lock; stop if another run holds it (an expired lock taken over)."""
+    def heartbeat(self, force: bool = False) -> None:
+        """Extend the lock; stop if another run holds it (an expired lock taken over).
+
+        Called after every finished shard, it writes at most every HEARTBEAT_EVERY seconds (an
+        object store pays five requests per heartbeat); `force` checks and extends it now.
+        """
+        if not force and time.monotonic() - self.beaten < min(HEARTBEAT_EVERY, self.ttl / 30):
+            return
+        self.beaten = time.monotonic()
         if self.store.exists(LOCK) and self.store.read_bytes(LOCK).strip():
             if self.store.read_json(LOCK).get("owner") != self.owner:
                 raise DataError(

@@ -57,6 +57,16 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' is bfloat16 on a GPU that supports it (autocast: convolutions and matmuls in
+    bfloat16, reductions in float32), float32 elsewhere; other values are kept."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float32"
+
+
 class ShardIndexer:
     """Loads the model once; `index_shard` turns one shard into a committed partial."""
 
@@ -76,6 +86,7 @@ class ShardIndexer:
                 "same file for every node (a shared path or URL)"
             )
         self.model = loaded.module.to(self.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.layers = resolve_layers(self.model, cfg.layers)
@@ -104,6 +115,7 @@ class ShardIndexer:
             "rows": topk_table.num_rows,
             "seconds": round(time.perf_counter() - start, 3),
             "device": str(self.device),
+            "precision": self.precision,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
         attempt = partials.new_attempt()
@@ -117,7 +129,10 @@ class ShardIndexer:
         depth = self.cfg.depth
         topks = {name: RunningTopK(units[name], depth, self.device) for name in self.layers}
         loaded: list[Loaded] = []
-        with torch.inference_mode(), Capture(self.model, self.layers) as capture:
+        autocast = torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"
+        )
+        with torch.inference_mode(), autocast, Capture(self.model, self.layers) as capture:
             for batch in _batched(self._load_all(shard, order), self.cfg.batch_size, loaded):
                 positions = torch.tensor([item.position for item in batch])  # (B,)
                 pixels = torch.stack([item.pixels for item in batch])  # (B, 3, crop, crop) uint8

@@ -30,7 +30,7 @@ def load(path: Path) -> torch.Tensor:
         return TRANSFORM(ImageOps.exif_transpose(image).convert("RGB"))  # (3, 224, 224)
 
 
-def activations(model, layers, images: torch.Tensor) -> dict[str, torch.Tensor]:
+def activations(model, layers, images: torch.Tensor, batch: int = 16) -> dict[str, torch.Tensor]:
     """Every layer's full output for `images` (N, 3, H, W), cloned at hook time."""
     modules = dict(model.named_modules())
     outputs: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
@@ -42,8 +42,8 @@ def activations(model, layers, images: torch.Tensor) -> dict[str, torch.Tensor]:
     ]
     try:
         with torch.no_grad():
-            for batch in images.split(16):
-                model(batch)
+            for chunk in images.split(batch):
+                model(chunk)
     finally:
         for h in handles:
             h.remove()

@@ -57,6 +57,7 @@ def test_relative_paths_become_absolute_but_weights_names_stay(tmp_path, monkeyp
         ({"kay": 3}, "unknown setting 'kay'"),
         ({"max_bad_fraction": "5%"}, "--max-bad-fraction must be a number, got '5%'"),
         ({"resize": "big"}, "--resize must be a whole number"),
+        ({"precision": "half"}, "--precision 'half' is not one of auto, float32, bfloat16"),
     ],
 )
 def test_invalid_settings_name_the_flag(change, message):
