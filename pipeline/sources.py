@@ -190,8 +190,8 @@ def read_bytes(uri: str, storage_options: dict) -> bytes:
         try:
             if uri.startswith("parquet://"):
                 return _parquet_row(uri, storage_options)
-            with fsspec.open(uri, "rb", **storage_options) as f:
-                return f.read()
+            fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+            return fs.cat_file(path)  # one GET on object stores (open would HEAD first)
         except (FileNotFoundError, PermissionError, IsADirectoryError):
             raise
         except OSError:
