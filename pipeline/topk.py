@@ -113,7 +113,7 @@ def merge(tables: list[pa.Table], k: int) -> pa.Table:
     group += table["unit"].to_numpy()  # (N,) ordered by layer name, then unit
     image = _sorted_codes(table["image_id"])  # (N,) ordered like image_id
     key = (group << 32) | _descending(table["activation"].to_numpy())  # (N,)
-    order = np.lexsort((image, key))  # (N,) the total order
+    order = _total_order(key, image)  # (N,)
     pair = group * (int(image.max()) + 1) + image  # (N,) one code per (group, image)
     order = order[_not_repeated(pair[order])]  # a partial seen twice: its rows sort together
     rank = _rank_in_runs(group[order])
@@ -127,17 +127,31 @@ def merge(tables: list[pa.Table], k: int) -> pa.Table:
 
 
 def _sorted_codes(column: pa.ChunkedArray) -> np.ndarray:
-    """int64 code of each string whose order is the strings' order."""
-    values = pc.array_sort_indices(pc.unique(column))
-    dictionary = pc.take(pc.unique(column), values)
-    return pc.index_in(column, value_set=dictionary).to_numpy().astype(np.int64)
+    """int64 code of each string whose order is the strings' order (one hash pass)."""
+    encoded = pc.dictionary_encode(column.combine_chunks())
+    code = np.empty(len(encoded.dictionary), dtype=np.int64)  # (D,) sorted position
+    code[pc.array_sort_indices(encoded.dictionary).to_numpy()] = np.arange(len(code))
+    return np.take(code, encoded.indices.to_numpy())  # (N,) np.take: 3x faster than []
+
+
+def _total_order(key: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """Stable order by `key`, then `image` (both >= 0): one packed int64 sort when it fits."""
+    shift = int(image.max()).bit_length()
+    if key.min() >= 0 and int(key.max()).bit_length() + shift <= 63:
+        return np.argsort((key << shift) | image, kind="stable")  # ~10x faster than lexsort
+    return np.lexsort((image, key))
+
+
+def order_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> int32 whose signed order is the merge's activation order (as `encode`'s high
+    bits: positive NaN above +inf, +0.0 above -0.0), so thresholds compare like the merge."""
+    bits = values.astype(np.float32, copy=False).view(np.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 def _descending(values: np.ndarray) -> np.ndarray:
     """float32 -> int64 in [0, 2**32) whose ascending order is the floats' descending order."""
-    bits = values.astype(np.float32, copy=False).view(np.int32)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed order == float order
-    return (~ordered).astype(np.int64) + 2**31
+    return (~order_bits(values)).astype(np.int64) + 2**31
 
 
 def _not_repeated(pair: np.ndarray) -> np.ndarray:
@@ -148,7 +162,8 @@ def _not_repeated(pair: np.ndarray) -> np.ndarray:
 
 
 def _has_repeats(pair: np.ndarray) -> bool:
-    return len(np.unique(pair)) != len(pair)
+    ordered = np.sort(pair)
+    return bool((ordered[1:] == ordered[:-1]).any())
 
 
 def _first_of_each(pair: np.ndarray) -> np.ndarray:

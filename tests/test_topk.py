@@ -6,12 +6,13 @@ import random
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.schemas import conform
-from pipeline.topk import RunningTopK, merge
+from pipeline.topk import RunningTopK, _total_order, merge, order_bits
 
 
 def brute_force(values: np.ndarray, ids: list[str], k: int) -> list[list[str]]:
@@ -116,3 +117,26 @@ def test_merge_keeps_layers_apart():
     b = shard_partial(values, ys, xs, ids, 0, 10, k=3, batch=4, layer="b")
     merged = merge([b, a], 3)
     assert merged["layer"].to_pylist() == ["a"] * 6 + ["b"] * 6
+
+
+def test_order_bits_follow_the_merge_order():
+    nan, inf = float("nan"), float("inf")
+    values = np.array([nan, inf, 1.5, 0.0, -0.0, -2.0, -inf], dtype=np.float32)
+    assert (np.diff(order_bits(values).astype(np.int64)) < 0).all()  # strictly descending
+
+
+def test_total_order_packs_keys_or_falls_back_to_lexsort():
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 50, 1000)
+    for top in (2**20, 2**60):  # packs into one int64, then too wide to pack
+        key = rng.integers(0, 40, 1000) * (top // 40)
+        assert (_total_order(key, image) == np.lexsort((image, key))).all()
+
+
+def test_merge_with_huge_unit_numbers_sorts_the_same():
+    values, ys, xs, ids = dataset(4, n=30, units=3, levels=3)
+    parts = [shard_partial(values, ys, xs, ids, lo, lo + 10, k=4, batch=3) for lo in (0, 10, 20)]
+    shift = 2**30  # the packed sort key would need more than 63 bits
+    moved = [p.set_column(1, "unit", pc.add(p["unit"], shift)) for p in parts]
+    expected = merge(parts, 4)
+    assert merge(moved, 4).equals(expected.set_column(1, "unit", pc.add(expected["unit"], shift)))
