@@ -58,8 +58,8 @@ def read_topk(store: Store, record: dict[str, Any]) -> pa.Table:
     the string columns left dictionary-encoded: decoding every row's strings would cost more
     than pruning them."""
     rel = posixpath.join(partials.ROOT, record["shard"], record["attempt"], "topk.parquet")
-    with store.fs.open(store.path(rel), "rb") as f:  # ParquetFile: 0.5 ms less than read_table
-        data = pq.ParquetFile(f, read_dictionary=STRINGS).read()
+    raw = pa.BufferReader(store.read_bytes(rel))  # one GET on object stores
+    data = pq.ParquetFile(raw, read_dictionary=STRINGS).read()  # 0.5 ms less than read_table
     written_by = (data.schema.metadata or {}).get(partials.RUN_KEY, b"").decode()
     if written_by != record["run"]:
         raise DataError(
