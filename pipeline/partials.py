@@ -13,6 +13,7 @@ import uuid
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .errors import DataError
 from .schemas import conform
@@ -59,11 +60,18 @@ def read_commit(store: Store, shard_key: str, run_fingerprint: str) -> dict[str,
     return record
 
 
-def read_table(store: Store, record: dict[str, Any], table: str) -> pa.Table:
-    """Read the committed attempt's `topk` or `images` table."""
+def read_table(
+    store: Store, record: dict[str, Any], table: str, read_dictionary: list[str] | None = None
+) -> pa.Table:
+    """Read the committed attempt's `topk` or `images` table (one GET: partials are small).
+
+    `read_dictionary` names string columns to keep dictionary-encoded, as Parquet stores them
+    (the reduce decodes only the strings of rows it keeps).
+    """
     assert table in ("topk", "images"), table
     rel = posixpath.join(ROOT, record["shard"], record["attempt"], f"{table}.parquet")
-    data = store.read_parquet(rel)
+    raw = pa.BufferReader(store.read_bytes(rel))
+    data = pq.ParquetFile(raw, read_dictionary=read_dictionary).read()
     written_by = (data.schema.metadata or {}).get(RUN_KEY, b"").decode()
     if written_by != record["run"]:
         raise DataError(

@@ -17,17 +17,14 @@ shards there are. The images table streams shard by shard into one Parquet file.
 from __future__ import annotations
 
 import functools
-import posixpath
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from . import partials
-from .errors import DataError
 from .schemas import conform, empty, schema
 from .storage import Store
 from .topk import merge, order_bits
@@ -54,19 +51,9 @@ def merge_partials(store: Store, records: list[dict[str, Any]], k: int) -> pa.Ta
 
 
 def read_topk(store: Store, record: dict[str, Any]) -> pa.Table:
-    """The committed attempt's top-k partial, checked like `partials.read_table` does, but with
-    the string columns left dictionary-encoded: decoding every row's strings would cost more
-    than pruning them."""
-    rel = posixpath.join(partials.ROOT, record["shard"], record["attempt"], "topk.parquet")
-    raw = pa.BufferReader(store.read_bytes(rel))  # one GET on object stores
-    data = pq.ParquetFile(raw, read_dictionary=STRINGS).read()  # 0.5 ms less than read_table
-    written_by = (data.schema.metadata or {}).get(partials.RUN_KEY, b"").decode()
-    if written_by != record["run"]:
-        raise DataError(
-            f"partial {store.uri(rel)} was written by run {written_by[:12] or '?'}, not by this "
-            f"run ({record['run'][:12]}); remove {store.uri(posixpath.dirname(rel))} and rerun"
-        )
-    return data
+    """The committed attempt's top-k partial with its string columns left dictionary-encoded:
+    decoding every row's strings would cost more than pruning them."""
+    return partials.read_table(store, record, "topk", read_dictionary=STRINGS)
 
 
 class GlobalTopK:
