@@ -161,6 +161,7 @@ def images_table(s: int) -> pa.Table:
             "height": pa.array([224] * IMAGES, pa.int32()),
             "width": pa.array([224] * IMAGES, pa.int32()), "error": nulls,
             "shard": [f"{s:05d}"] * IMAGES,
+            "offset": pa.array([None] * IMAGES, pa.int64()),
         }
     )  # fmt: skip
     return conform(table, "images")

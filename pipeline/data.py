@@ -46,6 +46,7 @@ class ImageRef:
     size: int | None = None  # bytes, when the listing knows it
     stamp: str | None = None  # modification time or ETag, when the listing knows it
     kind: str = "image"  # "image", or a container of many images: "tar" or "parquet"
+    offset: int | None = None  # where a tar member's bytes start inside its container
 
     @property
     def container(self) -> bool:

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 # what this code writes
-VERSIONS = {"index": 1, "partial": 1, "images": 1, "errors": 1, "export": 1}
+VERSIONS = {"index": 1, "partial": 1, "images": 2, "errors": 1, "export": 1}
 
 
 @functools.cache

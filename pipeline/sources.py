@@ -110,6 +110,7 @@ def _tar_members(
                         f"tar://{info.name}::{container.uri}",  # as stored: fsspec's index
                         info.size,
                         container.stamp,
+                        offset=info.offset_data,
                     )
                     yield Member(position, ref, data)
         except (tarfile.TarError, EOFError) as e:
@@ -184,12 +185,21 @@ def _bytes_of(column: pa.Array) -> list[bytes | None]:
     return column.to_pylist()
 
 
-def read_bytes(uri: str, storage_options: dict) -> bytes:
-    """The bytes of a loose file, a tar member or a Parquet row, retrying transient failures."""
+def read_bytes(
+    uri: str, storage_options: dict, offset: int | None = None, size: int | None = None
+) -> bytes:
+    """The bytes of a loose file, a tar member or a Parquet row, retrying transient failures.
+
+    A tar member with its `offset` and `size` (images.parquet has both) is one ranged read of
+    the container; without them fsspec's tar filesystem scans the archive's headers first.
+    """
     for attempt in range(READ_ATTEMPTS):
         try:
             if uri.startswith("parquet://"):
                 return _parquet_row(uri, storage_options)
+            if uri.startswith("tar://") and offset is not None and size is not None:
+                fs, path = fsspec.core.url_to_fs(container_of(uri), **storage_options)
+                return fs.cat_file(path, start=offset, end=offset + size)
             fs, path = fsspec.core.url_to_fs(uri, **storage_options)
             return fs.cat_file(path)  # one GET on object stores (open would HEAD first)
         except (FileNotFoundError, PermissionError, IsADirectoryError):

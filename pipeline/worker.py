@@ -265,5 +265,6 @@ def _images_table(loaded: list[Loaded], shard_key: str) -> pa.Table:
             "width": pa.array([item.width for item in loaded], pa.int32()),
             "error": pa.array([item.error for item in loaded], pa.string()),
             "shard": [shard_key] * len(loaded),
+            "offset": pa.array([item.ref.offset for item in loaded], pa.int64()),
         }
     )

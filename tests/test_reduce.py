@@ -44,6 +44,7 @@ def images_table(ids: list[str], error: str | None = None) -> pa.Table:
             "width": pa.array([None if error else 5] * n, pa.int32()),
             "error": pa.array([error] * n, pa.string()),
             "shard": ["s"] * n,
+            "offset": pa.array([None] * n, pa.int64()),
         }
     )  # fmt: skip
 

@@ -67,6 +67,8 @@ def test_tar_members_stream_in_order_with_openable_uris(tmp_path):
         with fsspec.open(m.ref.uri, "rb") as f:
             assert f.read() == m.data
         assert read_bytes(m.ref.uri, NO_OPTIONS) == m.data
+        ranged = read_bytes(m.ref.uri, NO_OPTIONS, m.ref.offset, m.ref.size)  # one ranged read
+        assert ranged == m.data and m.ref.offset % 512 == 0
 
 
 def test_unsorted_tar_is_detected_and_ranked_by_name(tmp_path):
@@ -252,6 +254,11 @@ def test_member_uris_read_back_the_indexed_bytes(packed):
     assert set(kinds) == {"tar", "parquet", "file"}
     for row in good.itertuples():
         assert hashlib.sha256(read_bytes(row.uri, NO_OPTIONS)).hexdigest() == row.image_hash
+        if row.uri.startswith("tar://"):  # offset and size: one ranged read of the tar
+            data = read_bytes(row.uri, NO_OPTIONS, int(row.offset), int(row.bytes))
+            assert hashlib.sha256(data).hexdigest() == row.image_hash
+        else:
+            assert pd.isna(row.offset)
 
 
 def test_export_cuts_patches_from_container_members(packed):
