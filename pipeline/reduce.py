@@ -191,12 +191,21 @@ def write_images(root: Store, records: list[dict[str, Any]], target: Store) -> t
     return total, bad
 
 
+UNITS_PER_ROW_GROUP = 256  # an index file's row groups: a filter on `unit` reads one of them
+
+
 def write_index(store: Store, index: pa.Table, layers: tuple[str, ...]) -> list[str]:
-    """Write one Parquet file per layer under index/; return their relative paths."""
+    """Write one Parquet file per layer under index/; return their relative paths.
+
+    Rows are sorted by unit and rank, in row groups of UNITS_PER_ROW_GROUP units, so a pandas
+    or pyarrow filter on `unit` (or on `layer`, across the folder) reads only matching groups.
+    """
     paths = []
     for layer in layers:
         rows = index.filter(pc.equal(index["layer"], layer))
+        rows = rows.sort_by([("unit", "ascending"), ("rank", "ascending")])
+        per_unit = int(pc.max(rows["rank"]).as_py() or 1) if rows.num_rows else 1
         rel = f"index/{layer}.parquet"
-        store.write_parquet(rel, rows)
+        store.write_parquet(rel, rows, row_group_size=UNITS_PER_ROW_GROUP * per_unit)
         paths.append(rel)
     return paths

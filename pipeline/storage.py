@@ -89,9 +89,9 @@ class Store:
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
-    def write_parquet(self, rel: str, table: pa.Table) -> None:
+    def write_parquet(self, rel: str, table: pa.Table, row_group_size: int = ROW_GROUP_SIZE):
         buffer = io.BytesIO()
-        pq.write_table(table, buffer, row_group_size=ROW_GROUP_SIZE)
+        pq.write_table(table, buffer, row_group_size=row_group_size)
         self.write_bytes(rel, buffer.getvalue())
 
     @contextlib.contextmanager

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -18,7 +19,14 @@ from hypothesis import strategies as st
 
 from pipeline import partials
 from pipeline.errors import DataError
-from pipeline.reduce import STRINGS, GlobalTopK, merge_partials, write_images, write_index
+from pipeline.reduce import (
+    STRINGS,
+    UNITS_PER_ROW_GROUP,
+    GlobalTopK,
+    merge_partials,
+    write_images,
+    write_index,
+)
 from pipeline.schemas import conform, schema
 from pipeline.storage import Store
 from pipeline.topk import RunningTopK, merge
@@ -253,3 +261,27 @@ def test_merge_partials_streams_parquet_partials_exactly(store):
     assert index.schema.field("image_id").type == pa.string()
     with pytest.raises(DataError, match="written by run r1.*not by this run"):
         merge_partials(store, [{**records[0], "run": "r2"}], k=3)
+
+
+def test_index_row_groups_let_a_unit_filter_read_one_group(store):
+    units = 2 * UNITS_PER_ROW_GROUP + 10
+    rows = pa.table(
+        {
+            "layer": ["wide"] * units * 3,
+            "unit": pa.array(np.repeat(np.arange(units)[::-1], 3), pa.int32()),  # unsorted
+            "rank": pa.array(np.tile([1, 2, 3], units), pa.int16()),
+            "activation": pa.array(np.linspace(1, 0, units * 3), pa.float32()),
+            "image_id": [f"i{n}" for n in range(units * 3)],
+            "image_hash": ["h"] * units * 3,
+            "y": pa.array([0] * units * 3, pa.int32()),
+            "x": pa.array([0] * units * 3, pa.int32()),
+        }
+    )
+    write_index(store, conform(rows, "index"), ("wide",))
+    path = store.path("index/wide.parquet")
+    assert pq.ParquetFile(path).metadata.num_row_groups == 3
+    fragment = next(iter(ds.dataset(path).get_fragments()))
+    hits = fragment.split_by_row_group(filter=pc.field("unit") == UNITS_PER_ROW_GROUP + 1)
+    assert len(hits) == 1  # statistics on the sorted `unit` column skip the other groups
+    back = pd.read_parquet(path, filters=[("unit", "==", 7)])
+    assert list(back["rank"]) == [1, 2, 3] and set(back["unit"]) == {7}
