@@ -63,7 +63,10 @@ def plan(cfg: IndexConfig) -> Plan:
     shapes = probe(loaded.module, layers, cfg.preprocess.crop)
     refs = list_images(cfg.data, cfg.storage_options)
     if not refs:
-        raise DataError(f"--data {cfg.data!r} holds no images (looked for common image extensions)")
+        raise DataError(
+            f"--data {cfg.data!r} holds no images (looked for common image extensions, .tar and "
+            ".parquet files)"
+        )
     run_fp = run_fingerprint(cfg, loaded.fingerprint)
     shards = plan_shards(refs, cfg.shard_size)
     return Plan(cfg, loaded.fingerprint, run_fp, data_fingerprint(refs), shapes, refs, shards)
