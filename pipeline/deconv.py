@@ -26,6 +26,10 @@ projects to all zeros.
 The model is left as found: eval mode is used inside and every module's `training` flag is
 restored, hooks are removed, parameters are neither changed nor given a `.grad`, also when the
 call raises.
+
+`project` is the reference: autograd over full maps, any model. The export uses
+`cone.project_rows`, which gives the same projections for many rows per image with one forward
+per image and each backward restricted to its activation's cone, and falls back to `project`.
 """
 
 from __future__ import annotations

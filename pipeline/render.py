@@ -3,8 +3,9 @@
 `Renderer` is a plain class (tests can run it without Ray; `export` wraps it in a Ray actor). It
 loads the model once; `export_images` reads, decodes (EXIF orientation applied) and verifies each
 image once, cuts every row's patch from the full-resolution original, runs the deconvnet for all
-rows of the task, batched per layer, recomputing each activation, and writes the PNGs;
-`render_grids` composes unit grids from those PNGs. The image functions are pure:
+rows of the task, per layer in passes of whole images (`passes`; `cone.project_rows` runs each
+image forward once and projects each row inside its cone), recomputing each activation, and
+writes the PNGs; `render_grids` composes unit grids from those PNGs. The image functions are pure:
 
 * `cut(image, box)`: the exact pixels of a half-open (top, left, bottom, right) box.
 * `projection_image(projection, std)`: a projection (3, h, w) in normalised-input space becomes a
@@ -33,8 +34,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .cone import project_rows
 from .config import Preprocess
-from .deconv import project
 from .errors import ConfigError, DataError
 from .models import load_model
 from .preprocess import BadImage, decode, normalize, to_uint8
@@ -59,7 +60,7 @@ class Settings:
     preprocess: Preprocess
     export_url: str  # OUT/export
     storage_options: dict
-    batch_size: int  # rows per deconvnet pass
+    batch_size: int  # rows per deconvnet pass (see `passes`)
     threads: int  # decode / encode threads, and torch threads on CPU
 
 
@@ -124,18 +125,21 @@ class Renderer:
         return job, to_uint8(decoded.image, self.s.preprocess), None  # (3, crop, crop)
 
     def _project(self, stack: torch.Tensor, pairs: list[tuple[dict, int]], pool):
-        """Deconvnet projections of (row, image position) pairs, per layer in batches."""
+        """Deconvnet projections of (row, image position) pairs, per layer in passes."""
         layers: dict[str, list[tuple[dict, int]]] = {}
         for pair in pairs:
             layers.setdefault(pair[0]["layer"], []).append(pair)
         for layer, group in layers.items():
-            for start in range(0, len(group), self.s.batch_size):
-                chunk = group[start : start + self.s.batch_size]
+            for chunk in passes(group, self.s.batch_size):
                 rows, positions = zip(*chunk, strict=True)
-                x = normalize(stack[list(positions)].to(self.device), self.s.preprocess)
+                images = sorted(set(positions))  # each image of the pass runs forward once
+                pixels = stack[images].to(self.device)  # (N, 3, crop, crop) uint8
+                x = normalize(pixels, self.s.preprocess)  # (N, 3, crop, crop)
+                slot = {position: i for i, position in enumerate(images)}
+                which = torch.tensor([slot[position] for position in positions])  # (R,)
                 units, ys, xs = (torch.tensor([r[k] for r in rows]) for k in ("unit", "y", "x"))
-                proj, acts = project(self.model, layer, x, units, ys, xs, return_activations=True)
-                proj, acts = proj.cpu(), acts.cpu()  # (B, 3, crop, crop), (B,)
+                proj, acts = project_rows(self.model, layer, x, which, units, ys, xs)
+                proj, acts = proj.cpu(), acts.cpu()  # (R, 3, crop, crop), (R,)
                 list(pool.map(self._write_projection, rows, proj))
                 yield from zip(rows, acts.tolist(), strict=True)
 
@@ -164,6 +168,26 @@ class Renderer:
         image = Image.open(io.BytesIO(self.store.read_bytes(rel)))
         image.load()
         return image
+
+
+def passes(group: list[tuple[dict, int]], size: int) -> list[list[tuple[dict, int]]]:
+    """Split (row, image position) pairs into passes of at most `size` rows, whole images first.
+
+    An image's rows stay in one pass unless they alone exceed `size`: `project_rows` runs each
+    image of a pass forward once, so splitting an image would repeat its forward.
+    """
+    images: dict[int, list[tuple[dict, int]]] = {}
+    for pair in group:
+        images.setdefault(pair[1], []).append(pair)
+    out: list[list[tuple[dict, int]]] = [[]]
+    for pairs in images.values():
+        if out[-1] and len(out[-1]) + len(pairs) > size:
+            out.append([])
+        for pair in pairs:
+            if len(out[-1]) == size:
+                out.append([])
+            out[-1].append(pair)
+    return [chunk for chunk in out if chunk]
 
 
 def cut(image: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
