@@ -159,6 +159,7 @@ def plan_rows(store: Store, chosen: dict[str, list[int]], model: nn.Module, pre:
             rows.append(
                 {
                     **row, "row": len(rows), "uri": image["uri"], "input_box": box,
+                    "offset": image.get("offset"), "size": image.get("bytes"),
                     "box": original, "patch_path": None if empty else patch,
                     "projection_path": None if empty else proj,
                     "grid_path": grid_path(layer, row["unit"]),
@@ -177,7 +178,9 @@ def read_rows(store: Store, chosen: dict[str, list[int]]) -> tuple[dict[str, pa.
     if not any(table.num_rows for table in tables.values()):
         raise DataError(f"the index at {store.url!r} holds no rows for the chosen units")
     needed = pc.unique(pa.chunked_array([t["image_id"] for t in tables.values()]))
-    images = store.read_parquet("images.parquet").select(["image_id", "uri", "height", "width"])
+    images = store.read_parquet("images.parquet")
+    where = [name for name in ("offset", "bytes") if name in images.column_names]  # images v2
+    images = images.select(["image_id", "uri", "height", "width", *where])
     images = images.filter(pc.is_in(images["image_id"], needed))
     return tables, {image["image_id"]: image for image in images.to_pylist()}
 
@@ -195,7 +198,16 @@ def pack(rows: list[dict]) -> list[Task]:
     for image_id in sorted(by_image):
         group = by_image[image_id]
         first = group[0]
-        current.append(render.ImageJob(image_id, first["uri"], first["image_hash"], tuple(group)))
+        current.append(
+            render.ImageJob(
+                image_id,
+                first["uri"],
+                first["image_hash"],
+                tuple(group),
+                first["offset"],
+                first["size"],
+            )  # fmt: skip
+        )
         count += len(group)
         if count >= TASK_ROWS:
             tasks.append(Task(f"images-{len(tasks):06d}", tuple(current)))

@@ -70,6 +70,8 @@ class ImageJob:
     uri: str
     image_hash: str
     rows: tuple[dict, ...]  # plan rows of this image (see `plan_rows`)
+    offset: int | None = None  # a tar member's bytes: where they start in the tar
+    size: int | None = None  # and how many (one ranged read instead of a header scan)
 
 
 class Renderer:
@@ -111,7 +113,7 @@ class Renderer:
     def _load(self, job: ImageJob) -> tuple[ImageJob, torch.Tensor | None, str | None]:
         """Read, decode and verify one image, write its patches; return the model input."""
         try:
-            data = read_bytes(job.uri, self.s.storage_options)  # a file, tar member or row
+            data = read_bytes(job.uri, self.s.storage_options, job.offset, job.size)
             decoded = decode(data, self.s.preprocess.max_pixels, self.s.preprocess.resize)
         except (BadImage, OSError, DataError) as e:
             return job, None, f"unreadable at export: {str(e) or type(e).__name__}"
