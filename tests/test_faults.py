@@ -24,6 +24,7 @@ from pipeline.config import IndexConfig
 from pipeline.errors import DataError
 from pipeline.progress import Progress
 from pipeline.run import index
+from pipeline.schemas import schema
 from pipeline.storage import Store
 
 TESTS = Path(__file__).resolve().parent
@@ -139,10 +140,7 @@ def test_reduce_refuses_a_partial_of_another_run(tmp_path):
         pa.table({c: pa.array([], t) for c, t in [("layer", pa.string()), ("unit", pa.int32()),
                   ("rank", pa.int16()), ("activation", pa.float32()), ("image_id", pa.string()),
                   ("image_hash", pa.string()), ("y", pa.int32()), ("x", pa.int32())]}),
-        pa.table({c: pa.array([], t) for c, t in [("image_id", pa.string()), ("uri", pa.string()),
-                  ("stamp", pa.string()), ("image_hash", pa.string()), ("bytes", pa.int64()),
-                  ("height", pa.int32()), ("width", pa.int32()), ("error", pa.string()),
-                  ("shard", pa.string())]}),
+        schema("images").empty_table(),
         {"images": 0},
     )  # fmt: skip
     assert partials.read_table(store, record, "topk").num_rows == 0
