@@ -10,11 +10,10 @@ equal up to float rounding, with far less work, for two reasons:
   passes through. Each backward step runs on that window (the row's *frame*) instead of the full
   map: for AlexNet `features.10` about a fifth of the full backward's multiply-adds.
 
-The forward runs under a `TorchFunctionMode` that swaps nothing but records a tape: every tensor
-derived from the input is tagged with its node; ops with a rule below are recorded with what their
-backward needs, any other op that reads a tagged tensor becomes an opaque node. The backward walks
-the tape in reverse from the layer's node. A signal is a batch (R, C, ly, lx) plus, per row, the
-frame's top-left corner in the node's map; the rules, in the deconvnet's terms (see `deconv`):
+The forward runs under a `tape.Tape`, which records each op with what its backward needs (see
+`tape`). The backward walks the tape in reverse from the layer's node. A signal is a batch
+(R, C, ly, lx) plus, per row, the frame's top-left corner in the node's map; the rules, in the
+deconvnet's terms (see `deconv`):
 
 * conv2d: transposed convolution of the frame; the frame becomes the input window it reads;
 * max_pool2d: each value goes to its switch, recorded in the forward;
@@ -32,17 +31,13 @@ the tape cannot follow, or a layer without spatial dims makes `project_rows` fal
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from .deconv import (
-    _RELUS,
-    _RELUS_INPLACE,
     _check_range,
     _eval_mode,
     _find_layer,
@@ -51,197 +46,13 @@ from .deconv import (
     project,
 )
 from .errors import ConfigError
+from .tape import INPUT, Step, Tape
 
 __all__ = ["project_rows"]
-
-INPUT = 0  # node of the model input
-_ADDS = {torch.add, Tensor.add, Tensor.add_, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__}
-_MULS = {torch.mul, Tensor.mul, Tensor.mul_, Tensor.__mul__, Tensor.__rmul__, Tensor.__imul__}
-_SAME = {torch.clone, Tensor.clone, Tensor.contiguous}
-_DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
-_POOLS = {F.max_pool2d, F.max_pool2d_with_indices}
-# Functions that return no tensor and change nothing: shape and dtype queries.
-_QUERIES = {"__get__", "dim", "size", "numel", "__len__", "is_floating_point", "is_contiguous"}
 
 
 class _Unsupported(Exception):
     """The backward met an op without a rule; `project_rows` falls back to `deconv.project`."""
-
-
-@dataclass(frozen=True)
-class Step:
-    """One recorded op: its rule, traced inputs (None for constants) and output node."""
-
-    rule: str  # conv, pool, relu, scale, same, add, cat or opaque
-    inputs: tuple[int | None, ...]
-    output: int
-    params: dict = field(default_factory=dict)  # what the rule's backward needs
-
-
-class Tape(TorchFunctionMode):
-    """Records the ops of a forward that touch tensors derived from the input (see module doc)."""
-
-    def __init__(self, pixels: Tensor) -> None:
-        super().__init__()
-        self.steps: list[Step] = []
-        self.sizes: dict[int, tuple[int, int]] = {}  # node -> (H, W) of its map
-        self.mutated = ""  # names an in-place change the tape cannot follow
-        self._tag(pixels, INPUT)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _POOLS and self.node(args[0]) is not None:
-            return self._pool(func, *args, **kwargs)
-        out = func(*args, **kwargs)
-        traced = [self.node(t) for t in _tensors((args, kwargs))]
-        if any(node is not None for node in traced):
-            self._record(func, args, kwargs, out)
-        return out
-
-    def node(self, value: object) -> int | None:
-        """The node of a tensor tagged by this tape, else None (a constant)."""
-        tag = getattr(value, "_ninebest_cone", None) if isinstance(value, Tensor) else None
-        return tag[1] if tag is not None and tag[0] is self else None
-
-    def _tag(self, tensor: Tensor, node: int) -> None:
-        tensor._ninebest_cone = (self, node)
-        self.sizes[node] = tuple(tensor.shape[-2:]) if tensor.dim() == 4 else (1, 1)
-
-    def _add(self, rule: str, inputs: tuple, out: Tensor, **params) -> None:
-        step = Step(rule, tuple(self.node(t) for t in inputs), len(self.sizes), params)
-        self.steps.append(step)
-        self._tag(out, step.output)
-
-    def _record(self, func: Callable, args: tuple, kwargs: dict, out: object) -> None:
-        outputs = list(_tensors(out))
-        if not outputs:
-            if getattr(func, "__name__", "") not in _QUERIES:
-                self.mutated = self.mutated or _name(func)  # e.g. __setitem__ on a traced map
-            return
-        inputs = tuple(_tensors((args, kwargs)))
-        rule = _rule(self, func, args, kwargs, out)
-        in_place = [t for t in inputs if any(t is o for o in outputs)]
-        if in_place and (rule is None or any(t._is_view() or self._opaque(t) for t in in_place)):
-            self.mutated = self.mutated or _name(func)  # the change may reach other tensors
-        if rule is None:
-            for tensor in outputs:
-                self._add("opaque", inputs, tensor, name=_name(func))
-        else:
-            self._add(rule[0], rule[1], out, **rule[2])
-
-    def _opaque(self, tensor: Tensor) -> bool:
-        """Whether `tensor` comes from an op without a rule (it may be a view of another)."""
-        node = self.node(tensor)
-        return node is not None and any(s.output == node and s.rule == "opaque" for s in self.steps)
-
-    def _pool(self, func: Callable, *args, **kwargs) -> Tensor | tuple[Tensor, Tensor]:
-        """Max-pool recording its switches; returns what `func` would."""
-        names = (
-            "input",
-            "kernel_size",
-            "stride",
-            "padding",
-            "dilation",
-            "ceil_mode",
-            "return_indices",
-        )
-        p = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False}
-        p |= dict(zip(names, args, strict=False)) | kwargs
-        kernel = _pair(p["kernel_size"])
-        stride = kernel if p["stride"] in (None, []) else _pair(p["stride"])
-        pixels = p["input"]
-        out, indices = F.max_pool2d_with_indices(
-            pixels, kernel, stride, p["padding"], p["dilation"], p["ceil_mode"], True
-        )  # (N, C, h, w), (N, C, h, w) flat positions in the input map
-        if pixels.dim() == 4:
-            params = {"switches": indices, "width": pixels.shape[3], "kernel": kernel}
-            params |= {"stride": stride, "padding": _pair(p["padding"])}
-            self._add("pool", (pixels,), out, dilation=_pair(p["dilation"]), **params)
-        else:
-            self._add("opaque", (pixels,), out, name="max_pool2d")
-        wanted = p.get("return_indices", False) or func is F.max_pool2d_with_indices
-        return (out, indices) if wanted else out
-
-
-def _rule(tape: Tape, func: Callable, args: tuple, kwargs: dict, out: object):
-    """(rule, inputs, params) for an op we can follow back exactly, else None."""
-    if not isinstance(out, Tensor):
-        return None
-    if func in _RELUS or func in _RELUS_INPLACE:
-        return "relu", (args[0],), {}
-    if func is F.conv2d:
-        return _conv(tape, args, kwargs)
-    if func is F.avg_pool2d:
-        return _avg_pool(args, kwargs)
-    if func is F.batch_norm:
-        return _batch_norm(tape, args, kwargs)
-    if func in _DROPOUTS:
-        training = kwargs.get("training", args[2] if len(args) > 2 else True)
-        return None if training else ("same", (args[0],), {})
-    if func in _SAME and out.shape == args[0].shape:
-        return "same", (args[0],), {}
-    if func in _ADDS and len(args) == 2 and kwargs.get("alpha", 1) == 1:
-        traced = [a for a in args if tape.node(a) is not None]
-        if all(a.shape == out.shape for a in traced):  # no traced tensor is broadcast
-            return ("add", tuple(traced), {}) if len(traced) == 2 else ("same", tuple(traced), {})
-    if func in _MULS and len(args) == 2 and not kwargs:
-        traced = [a for a in args if tape.node(a) is not None]
-        number = [a for a in args if isinstance(a, int | float) and not isinstance(a, bool)]
-        if len(traced) == 1 and number:
-            return "scale", tuple(traced), {"factor": float(number[0])}
-    if func is torch.cat:
-        return _cat(args, kwargs)
-    return None
-
-
-def _conv(tape: Tape, args: tuple, kwargs: dict):
-    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    p = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
-    p |= dict(zip(names, args, strict=False)) | kwargs
-    if isinstance(p["padding"], str) or p["input"].dim() != 4:
-        return None
-    if tape.node(p["weight"]) is not None or tape.node(p["bias"]) is not None:
-        return None  # weights computed from the input: not a fixed linear map
-    conv = {key: _pair(p[key]) for key in ("stride", "padding", "dilation")}
-    return "conv", (p["input"],), {"weight": p["weight"], "groups": p["groups"], **conv}
-
-
-def _avg_pool(args: tuple, kwargs: dict):
-    """Average pooling with a fixed divisor is a depthwise convolution with a uniform kernel."""
-    names = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
-    p = {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True}
-    p |= dict(zip((*names, "divisor_override"), args, strict=False)) | kwargs
-    (ky, kx), padding = _pair(p["kernel_size"]), _pair(p["padding"])
-    fixed = p["count_include_pad"] or padding == (0, 0)  # else the border windows divide by less
-    if p["ceil_mode"] or not fixed or p.get("divisor_override") or p["input"].dim() != 4:
-        return None
-    channels = p["input"].shape[1]
-    weight = p["input"].new_full((channels, 1, ky, kx), 1.0 / (ky * kx))  # (C, 1, ky, kx)
-    stride = (ky, kx) if p["stride"] in (None, []) else _pair(p["stride"])
-    conv = {"weight": weight, "groups": channels, "stride": stride, "padding": padding}
-    return "conv", (p["input"],), {**conv, "dilation": (1, 1)}
-
-
-def _batch_norm(tape: Tape, args: tuple, kwargs: dict):
-    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum")
-    p = {"weight": None, "bias": None, "training": False, "eps": 1e-5}
-    p |= dict(zip((*names, "eps"), args, strict=False)) | kwargs
-    constants = [p[key] for key in ("running_mean", "running_var", "weight", "bias")]
-    if p["training"] or p["running_var"] is None or p["input"].dim() != 4:
-        return None
-    if any(tape.node(c) is not None for c in constants):
-        return None
-    factor = torch.rsqrt(p["running_var"] + p["eps"])  # (C,)
-    factor = factor if p["weight"] is None else factor * p["weight"]  # (C,)
-    return "scale", (p["input"],), {"factor": factor.detach().view(1, -1, 1, 1)}
-
-
-def _cat(args: tuple, kwargs: dict):
-    tensors = args[0]
-    dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
-    if not all(isinstance(t, Tensor) and t.dim() == 4 for t in tensors) or dim not in (1, -3):
-        return None
-    return "cat", tuple(tensors), {"channels": [t.shape[1] for t in tensors]}
 
 
 # ---------------------------------------------------------------- the backward on frames
@@ -481,25 +292,3 @@ def _fallback(model: nn.Module, layer: str, images: Tensor, rows: tuple) -> tupl
     """`deconv.project` on each row's image: autograd over full maps."""
     which, units, ys, xs = rows
     return project(model, layer, images[which], units, ys, xs, return_activations=True)
-
-
-def _tensors(value: object) -> Iterator[Tensor]:
-    """Every tensor in `value`, looking into tuples, lists and dicts."""
-    if isinstance(value, Tensor):
-        yield value
-    elif isinstance(value, tuple | list):
-        for item in value:
-            yield from _tensors(item)
-    elif isinstance(value, dict):
-        yield from _tensors(list(value.values()))
-
-
-def _pair(value) -> tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    value = tuple(value)
-    return (value[0], value[0]) if len(value) == 1 else (value[0], value[1])
-
-
-def _name(func: Callable) -> str:
-    return getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
