@@ -46,7 +46,7 @@ from .deconv import (
     project,
 )
 from .errors import ConfigError
-from .tape import INPUT, Step, Tape
+from .tape import INPUT, Step, Tape, watching_functions
 
 __all__ = ["project_rows"]
 
@@ -192,7 +192,7 @@ _BACKWARD = {
 def backward(tape: Tape, target: int, seeds: Signal, which: Tensor) -> Signal:
     """Walk the tape back from `target`; the signal at the input, clipped to its map."""
     if tape.mutated:
-        raise _Unsupported(f"in-place {tape.mutated}")
+        raise _Unsupported(tape.mutated)
     pending: dict[int, list[Signal]] = {target: [seeds]}
     for step in reversed(tape.steps):
         if step.output not in pending:
@@ -213,7 +213,8 @@ def backward(tape: Tape, target: int, seeds: Signal, which: Tensor) -> Signal:
 def _record(model: nn.Module, module: nn.Module, images: Tensor) -> tuple[Tape, Tensor | None]:
     """Forward `images` (no autograd) until `module` has run; the tape and the module's output."""
     pixels = images.clone()  # (N, C, H, W) tagged as the input; the caller's tensor is untouched
-    with _stop_after(module) as outputs, Tape(pixels) as tape, torch.no_grad():
+    tape = Tape(pixels)
+    with _stop_after(module) as outputs, tape, watching_functions(tape), torch.no_grad():
         try:
             model(pixels)
         except _LayerReached:
@@ -272,6 +273,8 @@ def project_rows(
     module = _find_layer(model, layer)
     _check_rows(images, which, units, ys, xs)
     rows = tuple(index.to(images.device, torch.long) for index in (which, units, ys, xs))
+    if any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
+        return _fallback(model, layer, images, rows)  # scripted code is invisible to the tape
     with _eval_mode(model):
         tape, output = _record(model, module, images)
         if output is None or tape.node(output) is None or output.dim() != 4:

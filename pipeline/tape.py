@@ -18,22 +18,26 @@ appends a `Step` (rule, traced inputs, output node, params); the rules and what 
 
 An op with no tensor output other than a shape query, or an in-place change that the tape cannot
 follow (of a view, of an opaque node's output, or by an op without a rule), is named in
-`Tape.mutated`; the backward then refuses the tape.
+`Tape.mutated`; the backward then refuses the tape. So is a custom `torch.autograd.Function`
+applied to a traced tensor (`watching_functions`): the tape would see the ops of its forward, but
+its backward is its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import Function
 from torch.overrides import TorchFunctionMode
 
 from .deconv import _RELUS, _RELUS_INPLACE
 
-__all__ = ["INPUT", "Step", "Tape"]
+__all__ = ["INPUT", "Step", "Tape", "watching_functions"]
 
 INPUT = 0  # node of the model input
 _ADDS = {torch.add, Tensor.add, Tensor.add_, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__}
@@ -138,6 +142,24 @@ class Tape(TorchFunctionMode):
             self._add("opaque", (pixels,), out, name="max_pool2d")
         wanted = p.get("return_indices", False) or func is F.max_pool2d_with_indices
         return (out, indices) if wanted else out
+
+
+@contextlib.contextmanager
+def watching_functions(tape: Tape) -> Iterator[None]:
+    """While recording, name in `tape.mutated` any custom autograd.Function applied to a traced
+    tensor (Function.apply does not pass through a TorchFunctionMode)."""
+    original = Function.__dict__["apply"]
+
+    def apply(cls, *args, **kwargs):
+        if any(tape.node(t) is not None for t in _tensors((args, kwargs))):
+            tape.mutated = tape.mutated or f"{cls.__name__}.apply (a custom autograd.Function)"
+        return original.__get__(None, cls)(*args, **kwargs)
+
+    Function.apply = classmethod(apply)
+    try:
+        yield
+    finally:
+        Function.apply = original
 
 
 def _rule(tape: Tape, func: Callable, args: tuple, kwargs: dict, out: object):

@@ -238,6 +238,47 @@ def test_ops_without_a_rule_fall_back_to_project(monkeypatch) -> None:
     assert calls == [1]
 
 
+class Doubled(torch.autograd.Function):
+    """A custom Function: its forward doubles, its backward passes the signal through as it is."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, signal: Tensor) -> Tensor:
+        return signal
+
+
+class Branches(nn.Module):
+    """A residual branch that is TorchScript, or a custom autograd.Function: both hide their
+    backward from the tape, so project_rows must fall back rather than follow the forward."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)
+        self.how = how
+        self.branch = torch.jit.script(nn.Conv2d(4, 4, 1)) if how == "script" else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.conv1(x))
+        x = x + (self.branch(x) if self.how == "script" else Doubled.apply(x))
+        return self.conv2(x)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+@pytest.mark.parametrize("how", ["script", "function"])
+def test_code_the_tape_cannot_see_falls_back_to_project(how, monkeypatch) -> None:
+    torch.manual_seed(8)
+    model = Branches(how).eval()
+    images = photos(16)  # (3, 3, 16, 16)
+    rows = random_rows(layer_output(model, "conv2", images), 6, seed=9)
+    calls = []
+    monkeypatch.setattr(cone, "project", lambda *a, **k: calls.append(1) or project(*a, **k))
+    assert_equals_project(model, "conv2", images, rows)
+    assert calls == [1]
+
+
 def test_linear_layers_fall_back() -> None:
     torch.manual_seed(0)
     model = torchvision.models.alexnet().eval()
