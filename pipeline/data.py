@@ -69,13 +69,13 @@ def list_images(data: str, storage_options: dict | None = None) -> list[ImageRef
     options = storage_options or {}
     fs, path = fsspec.core.url_to_fs(data, **options)
     if not fs.exists(path) and PATTERN.search(path):
-        refs = _list_pattern(fs, path, options)
+        refs = _without_sidecars(_list_pattern(fs, path, options))
         if not refs:
             raise InputNotFoundError(f"--data pattern {data!r} matches no images or containers")
     elif not fs.exists(path):
         raise InputNotFoundError(f"--data {data!r} does not exist; pass a folder, URL or manifest")
     elif fs.isdir(path):
-        refs = _list_folder(fs, path)
+        refs = _without_sidecars(_list_folder(fs, path))
     elif path.endswith(".parquet") and not _is_manifest(fs, path, data):
         refs = [_entry(fs, path, posixpath.basename(path), fs.info(path))]
     elif path.endswith(MANIFEST_SUFFIXES):
@@ -120,6 +120,12 @@ def _list_folder(fs: fsspec.AbstractFileSystem, root: str) -> list[ImageRef]:
         for path, info in found.items()
         if info.get("type") == "file" and kind_of(path)
     ]
+
+
+def _without_sidecars(refs: list[ImageRef]) -> list[ImageRef]:
+    """Drop `x.parquet` beside `x.tar`: img2dataset's per-shard metadata, not image bytes."""
+    tars = {ref.uri.removesuffix(".tar") for ref in refs if ref.kind == "tar"}
+    return [r for r in refs if not (r.kind == "parquet" and r.uri[: -len(".parquet")] in tars)]
 
 
 def _list_pattern(fs: fsspec.AbstractFileSystem, pattern: str, options: dict) -> list[ImageRef]:

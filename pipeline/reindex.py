@@ -106,6 +106,8 @@ def decide(p: Plan, prev: tuple[Store, dict] | None, full: bool) -> str:
         )
     if prev[1]["model"]["fingerprint"] != p.model_fingerprint:
         return "full"  # retrained weights: every activation changes
+    if prev[1].get("run") != p.run_fingerprint:
+        return "full"  # same settings, but partials of another format (an older ninebest)
     return "incremental"
 
 

@@ -153,6 +153,7 @@ def execute(
                 on_shard()
     map_seconds = time.time() - map_started
     ordered = [records[s.key] for s in shards]
+    check_precisions(ordered)
     reduce_started = time.time()
     target.remove(MANIFEST)  # rewriting the outputs: OUT is incomplete until the new manifest
     total, bad = write_images(root, ordered, target)
@@ -169,6 +170,22 @@ def execute(
     target.write_json(MANIFEST, manifest)
     progress.finish(manifest)
     return manifest
+
+
+def check_precisions(records: list[dict[str, Any]]) -> None:
+    """Refuse to merge shards computed in different precisions (`--precision auto` resumed on
+    other hardware): their activations would be ranked against each other unfairly."""
+    counts: dict[str, int] = {}
+    for record in records:
+        precision = record.get("precision", "float32")
+        counts[precision] = counts.get(precision, 0) + 1
+    if len(counts) > 1:
+        seen = ", ".join(f"{n} shards in {name}" for name, n in sorted(counts.items()))
+        raise DataError(
+            f"this run's shards were computed in different precisions ({seen}), e.g. resumed "
+            "on other hardware; rerun with --precision float32 or --precision bfloat16 to "
+            "compute them all alike"
+        )
 
 
 def check_bad_fraction(cfg: IndexConfig, store: Store, total: int, bad: int) -> None:

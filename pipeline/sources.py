@@ -75,7 +75,7 @@ def tar_order(container: ImageRef, storage_options: dict) -> dict[str, int]:
     names: set[str] = set()
     try:
         with fsspec.open(container.uri, "rb", **storage_options) as f:
-            with tarfile.open(fileobj=f, mode="r|") as tar:
+            with tarfile.open(fileobj=f, mode="r|", tarinfo=_StrictTarInfo) as tar:
                 names.update(name for info in tar if (name := _image_name(info)))
     except (tarfile.TarError, EOFError):
         pass  # the indexing pass records where the tar breaks
@@ -83,8 +83,34 @@ def tar_order(container: ImageRef, storage_options: dict) -> dict[str, int]:
 
 
 def _image_name(info: tarfile.TarInfo) -> str | None:
+    """The member's name if it is an image file with a UTF-8 name, else None."""
     name = info.name.removeprefix("./")
-    return name if info.isfile() and kind_of(name) == "image" else None
+    return name if info.isfile() and kind_of(name) == "image" and _utf8(name) else None
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")  # tarfile keeps undecodable bytes as surrogates
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """tarfile ends an archive quietly at an empty, short or invalid header after the first
+    member, as if the file were complete; here those are damage (only zero blocks end it)."""
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError) as e:
+            why = f"the tar ends early, without its end-of-archive blocks ({e})"
+            raise tarfile.SubsequentHeaderError(why) from None
+        except tarfile.InvalidHeaderError as e:
+            raise tarfile.SubsequentHeaderError(
+                f"damaged header at byte {tarfile_.offset}: {e}"
+            ) from None
 
 
 def _tar_members(
@@ -94,9 +120,11 @@ def _tar_members(
     previous = ""
     with fsspec.open(container.uri, "rb", **storage_options) as f:
         try:
-            with tarfile.open(fileobj=f, mode="r|") as tar:
+            with tarfile.open(fileobj=f, mode="r|", tarinfo=_StrictTarInfo) as tar:
                 for info in tar:
                     name = _image_name(info)
+                    if name is None and info.isfile() and not _utf8(info.name):
+                        yield _bad_name(container, info.name)
                     if name is None or name in seen:  # not an image, or a repeated name
                         continue
                     if order is None and name < previous:
@@ -142,10 +170,21 @@ def _parquet_members(container: ImageRef, storage_options: dict, _order=None) ->
                 yield Member(ranks[names[row]], ref, value or None, error)
         except (DataError, pa.ArrowException) as e:
             yield _broken(container, f"unreadable parquet after {len(seen)} images: {e}")
+        except OSError as e:  # pyarrow reports damaged pages as OSError, like a failed read:
+            # recorded (never crashing the job) and read again by the next reindex
+            why = f"unreadable parquet after {len(seen)} images: {e}"
+            yield _broken(container, f"{READ_FAILED}{why}")
 
 
 def _broken(container: ImageRef, why: str) -> Member:
     return Member(-1, container, None, why)
+
+
+def _bad_name(container: ImageRef, name: str) -> Member:
+    """A member whose name is not UTF-8: recorded under an escaped id, never indexed."""
+    shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    ref = ImageRef(f"{container.image_id}/{shown}", container.uri, None, container.stamp)
+    return Member(-1, ref, None, "member name is not valid UTF-8; rename it in the tar")
 
 
 def image_column(schema: pa.Schema, where: str) -> str:

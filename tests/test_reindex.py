@@ -145,6 +145,11 @@ def test_changed_settings_need_full_and_new_weights_force_it(data, tmp_path):
     torch.save(Tiny().state_dict(), tmp_path / "retrained.pt")
     report = reindex(config(data, out, k=4, weights=str(tmp_path / "retrained.pt")), progress=QUIET)
     assert report["mode"] == "full" and report["shards_computed"] == report["shards"]
+    # a version written by an older ninebest (another partial format): same settings, full run
+    manifest = out / "versions" / latest(Store(str(out))) / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "run": "older"}))
+    report = reindex(config(data, out, k=4, weights=str(tmp_path / "retrained.pt")), progress=QUIET)
+    assert report["mode"] == "full"  # nothing derived from partials it cannot read
 
 
 def test_keep_prunes_old_versions_and_their_partials(data, tmp_path):

@@ -13,8 +13,9 @@ import torchvision
 
 import oracle
 from pipeline.config import IndexConfig
+from pipeline.errors import DataError
 from pipeline.progress import Progress
-from pipeline.run import index
+from pipeline.run import check_precisions, index
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -152,3 +153,10 @@ def test_too_many_bad_images_fail_after_recording_them(dirty_photos, tmp_path):
     assert len(pd.read_parquet(tmp_path / "out" / "errors.parquet")) == 3
     assert not (tmp_path / "out" / "index").exists()
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_shards_of_different_precisions_are_not_merged():
+    check_precisions([{"precision": "float32"}, {}])  # records before --precision: float32
+    mixed = r"\(1 shards in bfloat16, 1 shards in float32\).*--precision"
+    with pytest.raises(DataError, match=mixed):
+        check_precisions([{"precision": "bfloat16"}, {"precision": "float32"}])

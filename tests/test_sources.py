@@ -92,6 +92,49 @@ def test_truncated_tar_keeps_what_was_read_and_records_why(tmp_path):
     assert got[-1].error.startswith("unreadable tar after 1 images")
 
 
+@pytest.mark.parametrize(
+    "damage",
+    ["cut at a member boundary", "cut inside a header", "garbage header"],
+)
+def test_a_tar_damaged_between_members_is_recorded_not_taken_as_complete(tmp_path, damage):
+    path = write_tar(tmp_path / "d.tar", [(f"{i}.jpg", bytes(1000)) for i in range(4)])
+    data = bytearray(path.read_bytes())
+    member = 512 + 1024  # a header and 1000 bytes padded to whole blocks
+    if damage == "cut at a member boundary":
+        data = data[: 2 * member]
+    elif damage == "cut inside a header":
+        data = data[: 2 * member + 100]
+    else:
+        data[2 * member : 2 * member + 512] = b"\x07" * 512
+    path.write_bytes(bytes(data))
+    got = list(members(container(path, "tar"), NO_OPTIONS))
+    assert [m.ref.image_id for m in got[:-1]] == ["d.tar/0.jpg", "d.tar/1.jpg"]
+    assert got[-1].error.startswith("unreadable tar after 2 images")
+    assert tar_order(container(path, "tar"), NO_OPTIONS) == {"0.jpg": 0, "1.jpg": 1}
+
+
+def test_a_member_name_that_is_not_utf8_is_recorded_under_an_escaped_id(tmp_path):
+    path = tmp_path / "n.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        for name in ("a.jpg", "caf\xe9.jpg"):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    got = list(members(container(path, "tar"), NO_OPTIONS))
+    assert [m.ref.image_id for m in got] == ["n.tar/a.jpg", "n.tar/caf\\xe9.jpg"]
+    assert got[1].error == "member name is not valid UTF-8; rename it in the tar"
+    assert got[1].ref.image_id.encode("utf-8") and got[1].position == -1
+
+
+def test_a_damaged_parquet_page_is_recorded_to_be_read_again(tmp_path):
+    path = write_parquet(tmp_path / "p.parquet", [b"r0", b"r1", b"r2", b"r3"])
+    data = bytearray(path.read_bytes())
+    data[4:44] = bytes(40)  # the first page header, right after the magic bytes
+    path.write_bytes(bytes(data))
+    got = list(members(container(path, "parquet"), NO_OPTIONS))
+    assert got[-1].position == -1 and got[-1].error.startswith(READ_FAILED + "unreadable parquet")
+
+
 def test_not_a_tar_and_missing_container_are_recorded(tmp_path):
     (tmp_path / "x.tar").write_bytes(b"this is no tar archive at all" * 40)
     [bad] = members(container(tmp_path / "x.tar", "tar"), NO_OPTIONS)
@@ -138,6 +181,7 @@ def test_folder_lists_containers_beside_loose_images(tmp_path):
     write_tar(tmp_path / "s-0.tar", [("a.jpg", b"A")])
     write_parquet(tmp_path / "p.parquet", [b"a"])
     (tmp_path / "notes.txt").write_text("not data")
+    pq.write_table(pa.table({"key": ["a"]}), tmp_path / "s-0.parquet")  # img2dataset metadata
     refs = list_images(str(tmp_path))
     assert [(r.image_id, r.kind) for r in refs] == [
         ("loose/x.jpg", "image"), ("p.parquet", "parquet"), ("s-0.tar", "tar"),
