@@ -5,8 +5,9 @@ row so far; a candidate row below its unit's floor can never win, so one vectori
 partial's numeric columns drops almost every row, and only the survivors' strings are decoded
 (partials are read with dictionary-encoded strings) and merged into the running result with
 `topk.merge`. Memory holds the running result (O(layers x units x k) rows), the survivors waiting
-to be merged (at most as many rows, in at most MAX_PENDING batches) and one partial, however many
-shards there are. The images table streams shard by shard into one Parquet file. Outputs
+to be merged (at most as many rows, in at most MAX_PENDING batches) and the READ_AHEAD partials
+read ahead on READERS threads (so object-store latency overlaps the merge), however many shards
+there are. The images table streams shard by shard into one Parquet file. Outputs
 (relative to OUT):
 
     index/<layer>.parquet   the nine-best index, one file per layer, sorted by unit and rank
@@ -25,10 +26,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import partials
+from .prefetch import prefetch
 from .schemas import conform, empty, schema
 from .storage import Store
 from .topk import merge, order_bits
 
+READERS, READ_AHEAD = 8, 16  # partials read at once, and read ahead of the merge (latency)
 STRINGS = ["layer", "image_id", "image_hash"]  # read dictionary-encoded: few distinct values
 MIN_PENDING = 1 << 14  # survivors (rows) worth a merge while the running result is smaller
 MAX_PENDING = 256  # survivor batches merged at the latest (each holds its partial's dictionaries)
@@ -43,10 +46,10 @@ class Reduced:
 
 
 def merge_partials(store: Store, records: list[dict[str, Any]], k: int) -> pa.Table:
-    """The exact global top-k over every committed shard, streaming one partial at a time."""
+    """The exact global top-k over every committed shard, streaming partials in order."""
     reducer = GlobalTopK(k)
-    for record in records:
-        reducer.add(read_topk(store, record))
+    for table in prefetch(functools.partial(read_topk, store), records, READERS, READ_AHEAD):
+        reducer.add(table)
     return conform(reducer.table(), "index")
 
 
@@ -181,8 +184,9 @@ def write_images(root: Store, records: list[dict[str, Any]], target: Store) -> t
         target.parquet_writer("images.parquet", schema("images")) as images,
         target.parquet_writer("errors.parquet", schema("errors")) as errors,
     ):
-        for record in records:
-            table = conform(partials.read_table(root, record, "images"), "images")
+        read = functools.partial(partials.read_table, root, table="images")
+        for table in prefetch(read, records, READERS, READ_AHEAD):
+            table = conform(table, "images")
             images.write_table(table)
             failed = table.filter(pc.is_valid(table["error"]))
             errors.write_table(conform(failed.select(["image_id", "uri", "error"]), "errors"))

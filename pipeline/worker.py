@@ -13,14 +13,9 @@ thread into the same decode pool; positions come from the container, in image_id
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import queue
 import resource
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +28,7 @@ from .data import ImageRef, Shard
 from .errors import ConfigError
 from .hooks import Capture
 from .models import load_model, resolve_layers
+from .prefetch import background, prefetch
 from .preprocess import BadImage, decode, normalize, to_uint8
 from .sources import READ_FAILED, Member
 from .storage import Store
@@ -157,8 +153,8 @@ class ShardIndexer:
             items = (Member(i, ref, None) for i, ref in enumerate(shard.refs))
         else:  # one sequential read of the container, on its own thread
             stream = sources.members(shard.container, self.cfg.storage_options, order)
-            items = _background(stream, window)
-        return _prefetch(self._load_one, items, self.cfg.decode_threads, window)
+            items = background(stream, window)
+        return prefetch(self._load_one, items, self.cfg.decode_threads, window)
 
     def _load_one(self, item: Member) -> Loaded:
         position, ref = item.position, item.ref
@@ -179,63 +175,6 @@ class ShardIndexer:
         pixels = to_uint8(decoded.image, self.cfg.preprocess)
         height, width = decoded.image.height, decoded.image.width
         return Loaded(position, ref, pixels, decoded.image_hash, decoded.nbytes, height, width)
-
-
-_DONE = object()
-
-
-def _background(items: Iterator, size: int) -> Iterator:
-    """Iterate `items` on a daemon thread, at most `size` ahead; its exceptions re-raise here.
-
-    Stops the thread when the consumer stops early (an error, or a shard restarted).
-    """
-    buffer: queue.Queue = queue.Queue(maxsize=size)
-    stop = threading.Event()
-
-    def put(value: object) -> bool:
-        while not stop.is_set():
-            try:
-                buffer.put(value, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(_DONE)
-        except BaseException as e:  # handed to the consumer, which raises it
-            put(e)
-        finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()  # a generator holding the open file
-
-    thread = threading.Thread(target=produce, daemon=True, name="ninebest-reader")
-    thread.start()
-    try:
-        while (value := buffer.get()) is not _DONE:
-            if isinstance(value, BaseException):
-                raise value
-            yield value
-    finally:
-        stop.set()
-        thread.join()
-
-
-def _prefetch(fn: Callable, items: Iterable, threads: int, window: int) -> Iterator:
-    """Map `fn` over `items` on a thread pool, in order, with at most `window` in flight."""
-    items = iter(items)
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        pending = deque(pool.submit(fn, item) for item in itertools.islice(items, window))
-        while pending:
-            result = pending.popleft().result()
-            for item in itertools.islice(items, 1):
-                pending.append(pool.submit(fn, item))
-            yield result
 
 
 def _batched(stream: Iterator[Loaded], size: int, seen: list[Loaded]) -> Iterator[list[Loaded]]:
