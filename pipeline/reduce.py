@@ -6,8 +6,8 @@ partial's numeric columns drops almost every row, and only the survivors' string
 (partials are read with dictionary-encoded strings) and merged into the running result with
 `topk.merge`. Memory holds the running result (O(layers x units x k) rows), the survivors waiting
 to be merged (at most as many rows, in at most MAX_PENDING batches) and the READ_AHEAD partials
-read ahead on READERS threads (so object-store latency overlaps the merge), however many shards
-there are. The images table streams shard by shard into one Parquet file. Outputs
+read ahead on READERS threads from an object store (so its latency overlaps the merge), however
+many shards there are. The images table streams shard by shard into one Parquet file. Outputs
 (relative to OUT):
 
     index/<layer>.parquet   the nine-best index, one file per layer, sorted by unit and rank
@@ -18,6 +18,7 @@ there are. The images table streams shard by shard into one Parquet file. Output
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,9 +49,15 @@ class Reduced:
 def merge_partials(store: Store, records: list[dict[str, Any]], k: int) -> pa.Table:
     """The exact global top-k over every committed shard, streaming partials in order."""
     reducer = GlobalTopK(k)
-    for table in prefetch(functools.partial(read_topk, store), records, READERS, READ_AHEAD):
+    for table in _read_ahead(functools.partial(read_topk, store), records, store):
         reducer.add(table)
     return conform(reducer.table(), "index")
+
+
+def _read_ahead(read: Callable, records: list, store: Store) -> Iterator[pa.Table]:
+    """`read` over `records` in order: on threads for object stores, whose latency they hide;
+    in this thread for local disks, where threads would only add CPU time."""
+    return map(read, records) if store.local else prefetch(read, records, READERS, READ_AHEAD)
 
 
 def read_topk(store: Store, record: dict[str, Any]) -> pa.Table:
@@ -185,7 +192,7 @@ def write_images(root: Store, records: list[dict[str, Any]], target: Store) -> t
         target.parquet_writer("errors.parquet", schema("errors")) as errors,
     ):
         read = functools.partial(partials.read_table, root, table="images")
-        for table in prefetch(read, records, READERS, READ_AHEAD):
+        for table in _read_ahead(read, records, root):
             table = conform(table, "images")
             images.write_table(table)
             failed = table.filter(pc.is_valid(table["error"]))
