@@ -84,8 +84,9 @@ Command: `python bench/bench_memory.py --sizes {a.sizes} --write BENCHMARKS.md` 
 {table}
 
 Workers hold O(units x depth) top-k state and one batch in flight; the driver holds the listing
-(O(images) short strings) and one commit record per shard, and the reduce streams the images
-table and merges 32 partials at a time.
+(O(images) short strings, or one entry per container) and one commit record per shard, and the
+reduce streams the images table and merges partials one by one into a running result of
+O(units x k) rows.
 """
     print(body)
     if a.write:
