@@ -56,6 +56,19 @@ def load_model(spec: str, weights: str | None = None, storage_options: dict | No
     return LoadedModel(module=model, fingerprint=fingerprint(model))
 
 
+def load_expected(spec: str, weights: str | None, storage_options: dict, expected: str):
+    """`load_model` on a worker: the module, refusing weights other than those the driver
+    fingerprinted (a weights path that means different files on different nodes)."""
+    loaded = load_model(spec, weights, storage_options)
+    if loaded.fingerprint != expected:
+        raise ConfigError(
+            f"a worker loaded different weights for {spec} than the driver expects "
+            f"({loaded.fingerprint[:12]} vs {expected[:12]}); make --weights the same file for "
+            "every node (a shared path or URL)"
+        )
+    return loaded.module
+
+
 def _torchvision_weights_name(weights: str | None) -> str | None:
     """Return `weights` when it names torchvision weights (no path separator, no file suffix)."""
     if weights is None or "/" in weights or "\\" in weights or "://" in weights:

@@ -36,8 +36,8 @@ from torch import nn
 
 from .cone import project_rows
 from .config import Preprocess
-from .errors import ConfigError, DataError
-from .models import load_model
+from .errors import DataError
+from .models import load_expected
 from .preprocess import BadImage, decode, normalize, to_uint8
 from .sources import read_bytes
 from .storage import Store
@@ -82,14 +82,9 @@ class Renderer:
         torch.set_num_threads(settings.threads)
         self.s = settings
         self.device = pick_device()
-        loaded = load_model(settings.model, settings.weights, settings.storage_options)
-        if loaded.fingerprint != settings.model_fingerprint:
-            raise ConfigError(
-                f"a worker loaded different weights for {settings.model} than the index used "
-                f"({loaded.fingerprint[:12]} vs {settings.model_fingerprint[:12]}); make the "
-                "weights file the same for every node"
-            )
-        self.model = loaded.module.to(self.device)
+        s = settings
+        module = load_expected(s.model, s.weights, s.storage_options, s.model_fingerprint)
+        self.model = module.to(self.device)
         self.store = Store(settings.export_url, settings.storage_options)
 
     def export_images(self, jobs: tuple[ImageJob, ...]) -> list[dict]:

@@ -25,9 +25,8 @@ import torch
 from . import faults, partials, sources
 from .config import IndexConfig
 from .data import ImageRef, Shard
-from .errors import ConfigError
 from .hooks import Capture
-from .models import load_model, resolve_layers
+from .models import load_expected, resolve_layers
 from .prefetch import background, prefetch
 from .preprocess import BadImage, decode, normalize, to_uint8
 from .sources import READ_FAILED, Member
@@ -74,14 +73,8 @@ class ShardIndexer:
         self.cfg = cfg
         self.run_fingerprint = run_fingerprint
         self.device = pick_device()
-        loaded = load_model(cfg.model, cfg.weights, cfg.storage_options)
-        if loaded.fingerprint != model_fingerprint:
-            raise ConfigError(
-                f"a worker loaded different weights for {cfg.model} than the driver "
-                f"({loaded.fingerprint[:12]} vs {model_fingerprint[:12]}); make --weights the "
-                "same file for every node (a shared path or URL)"
-            )
-        self.model = loaded.module.to(self.device)
+        module = load_expected(cfg.model, cfg.weights, cfg.storage_options, model_fingerprint)
+        self.model = module.to(self.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)

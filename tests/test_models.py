@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.errors import ConfigError, InputNotFoundError
-from pipeline.models import fingerprint, load_model, resolve_layers
+from pipeline.models import fingerprint, load_expected, load_model, resolve_layers
 
 
 def tiny_state(seed: int) -> dict:
@@ -23,6 +23,16 @@ def test_factory_model_with_weights_file_and_fingerprint(tmp_path):
     assert not a.module.training and a.fingerprint == b.fingerprint
     torch.save(tiny_state(2), tmp_path / "v.pt")
     assert load_model("tiny_models:tiny", str(tmp_path / "v.pt")).fingerprint != a.fingerprint
+
+
+def test_a_worker_refuses_weights_other_than_the_drivers(tmp_path):
+    torch.save(tiny_state(1), tmp_path / "w.pt")
+    expected = load_model("tiny_models:tiny", str(tmp_path / "w.pt")).fingerprint
+    module = load_expected("tiny_models:tiny", str(tmp_path / "w.pt"), {}, expected)
+    assert fingerprint(module) == expected
+    torch.save(tiny_state(2), tmp_path / "w.pt")  # the same path, other bytes on this node
+    with pytest.raises(ConfigError, match="different weights .* same file for every node"):
+        load_expected("tiny_models:tiny", str(tmp_path / "w.pt"), {}, expected)
 
 
 def test_no_weights_means_a_seeded_initialisation():
