@@ -39,6 +39,13 @@ def no_fallback(monkeypatch):
     monkeypatch.setattr(cone, "project", refuse)
 
 
+def count_fallbacks(monkeypatch) -> list[int]:
+    """A list that grows by one each time `project_rows` falls back to `deconv.project`."""
+    calls: list[int] = []
+    monkeypatch.setattr(cone, "project", lambda *a, **k: calls.append(1) or project(*a, **k))
+    return calls
+
+
 def random_rows(output: Tensor, count: int, seed: int) -> tuple[Tensor, ...]:
     """(which, unit, y, x) rows over the images of `output` (N, K, h, w), corners included."""
     generator = torch.Generator().manual_seed(seed)
@@ -230,8 +237,7 @@ def test_ops_without_a_rule_fall_back_to_project(monkeypatch) -> None:
     model = Gated().eval()
     images = photos(16)  # (3, 3, 16, 16)
     rows = random_rows(layer_output(model, "conv2", images), 6, seed=7)
-    calls = []
-    monkeypatch.setattr(cone, "project", lambda *a, **k: calls.append(1) or project(*a, **k))
+    calls = count_fallbacks(monkeypatch)
     assert_equals_project(model, "conv2", images, rows)
     assert calls == [1]
     assert_equals_project(model, "conv1", images, rows)  # before the gate: the cone path
@@ -273,8 +279,7 @@ def test_code_the_tape_cannot_see_falls_back_to_project(how, monkeypatch) -> Non
     model = Branches(how).eval()
     images = photos(16)  # (3, 3, 16, 16)
     rows = random_rows(layer_output(model, "conv2", images), 6, seed=9)
-    calls = []
-    monkeypatch.setattr(cone, "project", lambda *a, **k: calls.append(1) or project(*a, **k))
+    calls = count_fallbacks(monkeypatch)
     assert_equals_project(model, "conv2", images, rows)
     assert calls == [1]
 
