@@ -17,6 +17,7 @@ import platform
 import resource
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -175,10 +176,7 @@ def execute(
 def check_precisions(records: list[dict[str, Any]]) -> None:
     """Refuse to merge shards computed in different precisions (`--precision auto` resumed on
     other hardware): their activations would be ranked against each other unfairly."""
-    counts: dict[str, int] = {}
-    for record in records:
-        precision = record.get("precision", "float32")
-        counts[precision] = counts.get(precision, 0) + 1
+    counts = Counter(record.get("precision", "float32") for record in records)
     if len(counts) > 1:
         seen = ", ".join(f"{n} shards in {name}" for name, n in sorted(counts.items()))
         raise DataError(

@@ -63,9 +63,12 @@ def members(
     exists ends with one Member whose `error` says why, after the images that could be read.
     Other I/O errors propagate: the shard is retried rather than recorded short of images.
     """
-    read = {"tar": _tar_members, "parquet": _parquet_members}[container.kind]
+    if container.kind == "tar":
+        read = _tar_members(container, storage_options, order)
+    else:
+        read = _parquet_members(container, storage_options)  # ids known up front: no order
     try:
-        yield from read(container, storage_options, order)
+        yield from read
     except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
         yield _broken(container, f"{READ_FAILED}{type(e).__name__}: {e}")
 
@@ -145,7 +148,7 @@ def _tar_members(
             yield _broken(container, f"unreadable tar after {len(seen)} images: {e}")
 
 
-def _parquet_members(container: ImageRef, storage_options: dict, _order=None) -> Iterator[Member]:
+def _parquet_members(container: ImageRef, storage_options: dict) -> Iterator[Member]:
     with fsspec.open(container.uri, "rb", **storage_options) as f:
         seen: set[str] = set()
         try:
