@@ -31,12 +31,13 @@ import torchvision
 from torch import Tensor, nn
 
 from pipeline.cli import DEMO_IMAGES
-from pipeline.cone import project_rows
 from pipeline.config import Preprocess
-from pipeline.deconv import project
-from pipeline.models import load_model
-from pipeline.preprocess import decode, normalize, to_uint8
-from pipeline.render import passes
+from pipeline.dataset.decode import decode
+from pipeline.dataset.preprocess import normalize, to_uint8
+from pipeline.export.cone import project_rows
+from pipeline.export.deconv import project
+from pipeline.export.render import passes
+from pipeline.net.models import load_model
 
 LAYER = "features.10"
 SIZE = 224

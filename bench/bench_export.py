@@ -20,10 +20,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 from report import environment, write_section  # noqa: E402
 
 from pipeline.cli import DEMO_IMAGES  # noqa: E402
+from pipeline.cluster.connect import ray_session  # noqa: E402
 from pipeline.config import IndexConfig  # noqa: E402
-from pipeline.export import export  # noqa: E402
+from pipeline.export.run import export  # noqa: E402
+from pipeline.index.run import index  # noqa: E402
 from pipeline.progress import Progress  # noqa: E402
-from pipeline.run import index, ray_session  # noqa: E402
 
 
 def main() -> None:

@@ -33,17 +33,18 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from report import environment, write_section  # noqa: E402
 
 from pipeline.config import IndexConfig, Preprocess  # noqa: E402
-from pipeline.data import list_images, plan_shards  # noqa: E402
-from pipeline.hooks import Capture, probe  # noqa: E402
-from pipeline.models import load_model, resolve_layers  # noqa: E402
-from pipeline.topk import RunningTopK  # noqa: E402
-from pipeline.worker import ShardIndexer  # noqa: E402
+from pipeline.dataset.listing import list_images  # noqa: E402
+from pipeline.dataset.refs import plan_shards  # noqa: E402
+from pipeline.index.map import ShardIndexer  # noqa: E402
+from pipeline.index.topk import RunningTopK  # noqa: E402
+from pipeline.net.hooks import Capture, probe  # noqa: E402
+from pipeline.net.models import load_model, resolve_layers  # noqa: E402
 
 
 def rate(images: int, fn, device: torch.device) -> float:

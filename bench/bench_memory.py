@@ -46,7 +46,11 @@ def run(count: int, tmp: Path) -> dict:
     argv = [sys.executable, "-m", "pipeline", "index", "--model", "tiny_models:tiny", "--layers",
             "conv2,fc", "--data", str(data), "--out", str(out), "--workers", "2", "--shard-size",
             "256", "--batch-size", "64"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "tests" / "helpers"),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     start = time.perf_counter()
     subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - start

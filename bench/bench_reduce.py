@@ -41,10 +41,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 from report import environment, write_section  # noqa: E402
 
-from pipeline import partials  # noqa: E402
-from pipeline.reduce import MAX_PENDING, STRINGS, GlobalTopK, merge_partials, read_topk  # noqa: E402
-from pipeline.schemas import conform  # noqa: E402
-from pipeline.storage import ROW_GROUP_SIZE, Store  # noqa: E402
+from pipeline.index.reduce import MAX_PENDING, STRINGS, GlobalTopK, merge_partials, read_topk  # noqa: E402
+from pipeline.store import partials  # noqa: E402
+from pipeline.store.schemas import conform  # noqa: E402
+from pipeline.store.storage import ROW_GROUP_SIZE, Store  # noqa: E402
 
 LAYERS = {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
 UNITS = sum(LAYERS.values())

@@ -12,9 +12,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import IndexConfig, build_index_config, load_spec, parse_list, storage_options
-from .errors import ConfigError, NinebestError
-from .submit import add_commands as submit_commands
+from pipeline.cluster.submit import add_commands as submit_commands
+from pipeline.config import IndexConfig, build_index_config, load_spec, parse_list, storage_options
+from pipeline.errors import ConfigError, NinebestError
 
 DEMO_IMAGES = Path(__file__).resolve().parent / "demo_images"
 DEMO_LAYERS = ("layer1", "layer2", "layer3", "layer4", "fc")
@@ -71,7 +71,7 @@ def add_reindex_commands(sub) -> None:
 
 
 def run_reindex(args: argparse.Namespace) -> int:
-    from .reindex import reindex
+    from pipeline.index.reindex import reindex
 
     keep, full = args.keep, args.full
     flags = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("keep", "full")})
@@ -81,8 +81,8 @@ def run_reindex(args: argparse.Namespace) -> int:
 
 
 def run_history(args: argparse.Namespace) -> int:
-    from .storage import Store
-    from .versions import history
+    from pipeline.store.storage import Store
+    from pipeline.store.versions import history
 
     table = history(Store(args.out, storage_options(args.storage_options)), args.layer, args.unit)
     frame = table.drop_columns(["unit"]).to_pandas()
@@ -92,7 +92,7 @@ def run_history(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from .export import export  # imports Ray and the model code
+    from pipeline.export.run import export  # imports Ray and the model code
 
     units = None
     if args.units:
@@ -176,7 +176,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_index(cfg: IndexConfig) -> int:
-    from .run import index  # imports Ray: keep `ninebest --help` fast
+    from pipeline.index.run import index  # imports Ray: keep `ninebest --help` fast
 
     manifest = index(cfg)
     where = cfg.out.rstrip("/") + "/index"

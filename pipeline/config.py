@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError, InputNotFoundError, closest
+from pipeline.errors import ConfigError, InputNotFoundError, closest
 
 PRECISIONS = ("auto", "float32", "bfloat16")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torchvision
 
-TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))
+HELPERS = Path(__file__).resolve().parent / "helpers"
+sys.path.insert(0, str(HELPERS))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Ray's dashboard asks cloud metadata services (169.254.169.254, metadata.google.internal) when it
 # starts, even with usage stats off. Tests send nothing off this machine: such requests go to a
@@ -58,7 +58,7 @@ def ray_local():
         _node_ip_address="127.0.0.1",
         include_dashboard=False,
         object_store_memory=128 * 1024**2,
-        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])}},
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(HELPERS), *sys.path])}},
         logging_level="WARNING",
     )
     yield ray

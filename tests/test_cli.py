@@ -14,7 +14,7 @@ import torch
 
 from pipeline.cli import main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def fails_cleanly(capsys, argv: list[str], out: Path, pattern: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 import ray
 
-from .errors import NinebestError, WorkerError
+from pipeline.errors import NinebestError, WorkerError
 
 MAX_ATTEMPTS = 3  # per task, across actor deaths and unexpected errors
 

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, InputNotFoundError, NinebestError, closest
+from pipeline.errors import ConfigError, InputNotFoundError, NinebestError, closest
 
 JOB_COMMANDS = ("index", "export", "reindex")  # each runs as `python -m jobs.<command>`
 EXIT = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}

@@ -30,8 +30,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .data import ImageRef, kind_of
-from .errors import DataError
+from pipeline.dataset.refs import ImageRef, kind_of
+from pipeline.errors import DataError
 
 IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "img", "image_bytes", "bytes")
 KEY_COLUMN = "key"

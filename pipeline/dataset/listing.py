@@ -17,51 +17,20 @@ ETag, as the listing reports them), so a resumed run reuses a partial only for t
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import posixpath
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import fsspec
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from .errors import DataError, InputNotFoundError
+from pipeline.dataset.refs import ImageRef, kind_of
+from pipeline.errors import DataError, InputNotFoundError
 
-IMAGE_EXTENSIONS = (
-    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
-)  # fmt: skip
 MANIFEST_SUFFIXES = (".txt", ".parquet")
-CONTAINER_KINDS = {".tar": "tar", ".parquet": "parquet"}  # suffix -> kind of container
-CONTAINER_KEY = "c-"  # shard keys of containers start with this
 PATTERN = re.compile(r"\{[^{}]*\}|[*?\[]")  # brace ranges/alternatives and glob characters
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    image_id: str  # stable id, the tie-breaker of every ordering
-    uri: str  # local path or fsspec URL to read the bytes from
-    size: int | None = None  # bytes, when the listing knows it
-    stamp: str | None = None  # modification time or ETag, when the listing knows it
-    kind: str = "image"  # "image", or a container of many images: "tar" or "parquet"
-    offset: int | None = None  # where a tar member's bytes start inside its container
-
-    @property
-    def container(self) -> bool:
-        return self.kind != "image"
-
-
-@dataclass(frozen=True)
-class Shard:
-    key: str  # "<ordinal>-<digest>": unique for these images at these sizes
-    refs: tuple[ImageRef, ...]  # sorted by image_id; a container shard holds one container
-
-    @property
-    def container(self) -> ImageRef | None:
-        """The container this shard streams, or None for a shard of loose images."""
-        return self.refs[0] if self.key.startswith(CONTAINER_KEY) else None
 
 
 def list_images(data: str, storage_options: dict | None = None) -> list[ImageRef]:
@@ -97,14 +66,6 @@ def list_images(data: str, storage_options: dict | None = None) -> list[ImageRef
                 "(image ids are stored as UTF-8 strings)"
             ) from None
     return sorted(refs, key=lambda r: r.image_id)
-
-
-def kind_of(path: str) -> str | None:
-    """'image', a container kind ('tar', 'parquet'), or None for any other file."""
-    lower = path.lower()
-    if lower.endswith(IMAGE_EXTENSIONS):
-        return "image"
-    return next((kind for suffix, kind in CONTAINER_KINDS.items() if lower.endswith(suffix)), None)
 
 
 def _entry(fs: fsspec.AbstractFileSystem, path: str, image_id: str, info: dict) -> ImageRef:
@@ -177,7 +138,7 @@ def expand_braces(text: str) -> list[str]:
 
 def _is_manifest(fs: fsspec.AbstractFileSystem, path: str, data: str) -> bool:
     """A .parquet with a 'uri' column lists images; one with a column of image bytes holds them."""
-    from .sources import image_column  # sources reads what this module lists
+    from pipeline.dataset.containers import image_column  # sources reads what this module lists
 
     with fs.open(path, "rb") as f:
         schema = pq.read_schema(f)
@@ -252,34 +213,3 @@ def _resolve(fs: fsspec.AbstractFileSystem, base: str, uri: str) -> str:
     if "://" in uri or uri.startswith("/"):
         return uri
     return _uri(fs, posixpath.join(base, uri))
-
-
-def plan_shards(refs: list[ImageRef], shard_size: int) -> list[Shard]:
-    """Cut sorted loose images into consecutive shards of `shard_size`, and give each container
-    a shard of its own; every key is derived from the content it covers."""
-    loose = [ref for ref in refs if not ref.container]
-    shards = []
-    for ordinal, start in enumerate(range(0, len(loose), shard_size)):
-        chunk = tuple(loose[start : start + shard_size])
-        shards.append(Shard(f"{ordinal:06d}-{data_fingerprint(chunk)[:16]}", chunk))
-    return shards + [container_shard(ref) for ref in refs if ref.container]
-
-
-def container_shard(ref: ImageRef) -> Shard:
-    """The shard of one container: the same key for as long as the file is unchanged."""
-    return Shard(f"{CONTAINER_KEY}{data_fingerprint([ref])[:16]}", (ref,))
-
-
-def shard_of(refs: list[ImageRef] | tuple[ImageRef, ...], prefix: str) -> Shard:
-    """A shard of exactly these refs (sorted by image_id), keyed `<prefix>-<digest>`."""
-    chunk = tuple(sorted(refs, key=lambda r: r.image_id))
-    return Shard(f"{prefix}-{data_fingerprint(chunk)[:16]}", chunk)
-
-
-def data_fingerprint(refs: list[ImageRef] | tuple[ImageRef, ...]) -> str:
-    """sha256 over every (image_id, size, stamp): changes when an image is added, removed or
-    rewritten."""
-    digest = hashlib.sha256()
-    for ref in refs:
-        digest.update(f"{ref.image_id}\0{ref.size}\0{ref.stamp}\n".encode())
-    return digest.hexdigest()

@@ -20,7 +20,8 @@ import urllib.parse
 from collections.abc import Iterable
 from typing import Any
 
-from .storage import Store
+from pipeline.store.layout import ATLAS_INDEX, atlas_page
+from pipeline.store.storage import Store
 
 HEAD = """<!doctype html>
 <html lang="en">
@@ -77,9 +78,9 @@ def write(
         by_layer[row["layer"]].append(row)
     for layer, layer_rows in by_layer.items():
         page = layer_page(layer, layer_rows, grids, history or {})
-        store.write_bytes(f"atlas/layer-{pages[layer]}.html", page.encode("utf-8"))
-    store.write_bytes("atlas/index.html", index_page(summary, by_layer, pages).encode("utf-8"))
-    return "atlas/index.html"
+        store.write_bytes(atlas_page(pages[layer]), page.encode("utf-8"))
+    store.write_bytes(ATLAS_INDEX, index_page(summary, by_layer, pages).encode("utf-8"))
+    return ATLAS_INDEX
 
 
 def index_page(summary: dict, by_layer: dict[str, list[dict]], pages: dict[str, str]) -> str:

@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .deconv import (
+from pipeline.errors import ConfigError
+from pipeline.export.deconv import (
     _check_range,
     _eval_mode,
     _find_layer,
@@ -45,8 +46,7 @@ from .deconv import (
     _stop_after,
     project,
 )
-from .errors import ConfigError
-from .tape import INPUT, Step, Tape, watching_functions
+from pipeline.export.tape import INPUT, Step, Tape, watching_functions
 
 __all__ = ["project_rows"]
 

@@ -34,14 +34,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .cone import project_rows
-from .config import Preprocess
-from .errors import DataError
-from .models import load_expected
-from .preprocess import BadImage, decode, normalize, to_uint8
-from .sources import read_bytes
-from .storage import Store
-from .worker import pick_device
+from pipeline.config import Preprocess
+from pipeline.dataset.containers import read_bytes
+from pipeline.dataset.decode import BadImage, decode
+from pipeline.dataset.preprocess import normalize, to_uint8
+from pipeline.errors import DataError
+from pipeline.export.cone import project_rows
+from pipeline.net.device import pick_device
+from pipeline.net.models import load_expected
+from pipeline.store.storage import Store
 
 GREY = 128  # where 0 lands in a projection or filter image
 BACKGROUND = (255, 255, 255)  # gaps and padding: white, distinct from a projection's grey

@@ -24,9 +24,7 @@ of the image id, never from the id itself, so no image id can steer a write:
 
 from __future__ import annotations
 
-import hashlib
 import math
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -35,26 +33,36 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from torch import nn
 
-from . import atlas, render, versions
-from .config import Preprocess
-from .errors import ConfigError, DataError
-from .models import load_model
-from .pool import Pool
-from .preprocess import geometry
-from .progress import Progress
-from .receptive_field import receptive_field
-from .run import MANIFEST, ray_session
-from .schemas import VERSIONS, conform, schema
-from .storage import Store
+from pipeline.cluster.connect import ray_session
+from pipeline.cluster.pool import Pool
+from pipeline.config import Preprocess
+from pipeline.dataset.preprocess import geometry
+from pipeline.errors import ConfigError, DataError
+from pipeline.export import atlas, render
+from pipeline.net.models import load_model
+from pipeline.net.receptive_field import receptive_field
+from pipeline.progress import Progress
+from pipeline.store import versions
+from pipeline.store.layout import (
+    ATLAS_INDEX,
+    EXPORT_DIR,
+    EXPORT_SUMMARY,
+    EXPORT_TABLE,
+    FILTERS,
+    IMAGES,
+    MANIFEST,
+    grid_path,
+    index_file,
+    output_paths,
+    safe_name,
+)
+from pipeline.store.schemas import VERSIONS, conform, schema
+from pipeline.store.storage import Store
 
-EXPORT_DIR = "export"
-SUMMARY = "export.json"
 TASK_ROWS = 64  # rows per task (images are never split between tasks)
 UNITS_PER_GRID_TASK = 16
 REL_TOL, ABS_TOL = 1e-3, 1e-5  # recomputed (float32) vs stored activation
 BF16_REL_TOL = 5e-2  # when the index ran under bfloat16 autocast (8 bits of mantissa)
-SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
-SAFE_PATH = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]*/)*[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True)
@@ -64,40 +72,6 @@ class Task:
 
 
 # ---------------------------------------------------------------- file names
-
-
-def safe_name(name: str) -> str:
-    """`name` as one path component: kept when plainly safe, else cleaned plus a hash of it."""
-    if SAFE_NAME.fullmatch(name) and ".." not in name:
-        return name
-    cleaned = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_-")[:40] or "x"
-    return f"{cleaned}-{_digest(name)[:12]}"
-
-
-def image_key(image_id: str) -> str:
-    """16 hex digits of the image id's sha256: the only part of a file name an id decides."""
-    return _digest(image_id)[:16]
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def checked(rel: str) -> str:
-    """`rel` if it is a relative path of safe components with no '..'; refuse anything else."""
-    if not SAFE_PATH.fullmatch(rel) or any(part == ".." for part in rel.split("/")):
-        raise AssertionError(f"unsafe export path {rel!r}")  # our own names must never get here
-    return rel
-
-
-def output_paths(layer: str, unit: int, rank: int, image_id: str) -> tuple[str, str]:
-    """(patch, projection) paths relative to the export folder."""
-    name = f"{safe_name(layer)}/{unit}/{rank}-{image_key(image_id)}.png"
-    return checked(f"patches/{name}"), checked(f"projections/{name}")
-
-
-def grid_path(layer: str, unit: int) -> str:
-    return checked(f"grids/{safe_name(layer)}/{unit}.png")
 
 
 # ---------------------------------------------------------------- validation and plan
@@ -172,13 +146,13 @@ def read_rows(store: Store, chosen: dict[str, list[int]]) -> tuple[dict[str, pa.
     """The index rows of the chosen units per layer, and each of their images' uri and size."""
     tables = {}
     for layer, units in chosen.items():
-        table = store.read_parquet(f"index/{layer}.parquet")
+        table = store.read_parquet(index_file(layer))
         table = table.filter(pc.is_in(table["unit"], pa.array(units, pa.int32())))
         tables[layer] = table.sort_by([("unit", "ascending"), ("rank", "ascending")])
     if not any(table.num_rows for table in tables.values()):
         raise DataError(f"the index at {store.url!r} holds no rows for the chosen units")
     needed = pc.unique(pa.chunked_array([t["image_id"] for t in tables.values()]))
-    images = store.read_parquet("images.parquet")
+    images = store.read_parquet(IMAGES)
     where = [name for name in ("offset", "bytes") if name in images.column_names]  # images v2
     images = images.select(["image_id", "uri", "height", "width", *where])
     images = images.filter(pc.is_in(images["image_id"], needed))
@@ -266,9 +240,9 @@ def export(
     summary = _summary(target, job, table, filters, units)
     pages = {name: safe_name(name) for name in job.chosen}
     atlas.write(target, exported, summary, grids, pages, unit_history(out, job, storage_options))
-    target.write_parquet("export.parquet", table)
+    target.write_parquet(EXPORT_TABLE, table)
     summary["timings"] = {"total_seconds": round(time.time() - started, 3)}
-    target.write_json(SUMMARY, summary)
+    target.write_json(EXPORT_SUMMARY, summary)
     _say(progress, _line(summary))
     return summary
 
@@ -379,8 +353,8 @@ def write_filters(target: Store, model: nn.Module) -> str | None:
     conv = render.first_conv(model)
     if conv is None:
         return None
-    target.write_bytes("filters.png", render.png(render.filters_image(conv.weight)))
-    return "filters.png"
+    target.write_bytes(FILTERS, render.png(render.filters_image(conv.weight)))
+    return FILTERS
 
 
 def _summary(target: Store, job: Job, table: pa.Table, filters: str | None, units) -> dict:
@@ -399,7 +373,7 @@ def _summary(target: Store, job: Job, table: pa.Table, filters: str | None, unit
             "errors": table.num_rows - table["error"].null_count,
         },
         "tolerance": {"relative": tolerance(job.manifest), "absolute": ABS_TOL},
-        "outputs": {"table": "export.parquet", "atlas": "atlas/index.html", "filters": filters},
+        "outputs": {"table": EXPORT_TABLE, "atlas": ATLAS_INDEX, "filters": filters},
         "schemas": {"export": VERSIONS["export"]},
     }
 

@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.autograd.function import Function
 from torch.overrides import TorchFunctionMode
 
-from .deconv import _RELUS, _RELUS_INPLACE
+from pipeline.export.deconv import _RELUS, _RELUS_INPLACE
 
 __all__ = ["INPUT", "Step", "Tape", "watching_functions"]
 

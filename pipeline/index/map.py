@@ -22,16 +22,20 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from . import faults, partials, sources
-from .config import IndexConfig
-from .data import ImageRef, Shard
-from .hooks import Capture
-from .models import load_expected, resolve_layers
-from .prefetch import background, prefetch
-from .preprocess import BadImage, decode, normalize, to_uint8
-from .sources import READ_FAILED, Member
-from .storage import Store
-from .topk import RunningTopK
+from pipeline.config import IndexConfig
+from pipeline.dataset import containers as sources
+from pipeline.dataset.containers import READ_FAILED, Member
+from pipeline.dataset.decode import BadImage, decode
+from pipeline.dataset.preprocess import normalize, to_uint8
+from pipeline.dataset.refs import ImageRef, Shard
+from pipeline.index import faults
+from pipeline.index.topk import RunningTopK
+from pipeline.net.device import pick_device, resolve_precision
+from pipeline.net.hooks import Capture
+from pipeline.net.models import load_expected, resolve_layers
+from pipeline.store import partials
+from pipeline.store.prefetch import background, prefetch
+from pipeline.store.storage import Store
 
 
 @dataclass(frozen=True)
@@ -46,20 +50,6 @@ class Loaded:
     height: int | None = None
     width: int | None = None
     error: str | None = None
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' is bfloat16 on a GPU that supports it (autocast: convolutions and matmuls in
-    bfloat16, reductions in float32), float32 elsewhere; other values are kept."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bfloat16"
-    return "float32"
 
 
 class ShardIndexer:

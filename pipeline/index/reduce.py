@@ -26,11 +26,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import partials
-from .prefetch import prefetch
-from .schemas import conform, empty, schema
-from .storage import Store
-from .topk import merge, order_bits
+from pipeline.index.topk import merge, order_bits
+from pipeline.store import partials
+from pipeline.store.layout import ERRORS, IMAGES, index_file
+from pipeline.store.prefetch import prefetch
+from pipeline.store.schemas import conform, empty, schema
+from pipeline.store.storage import Store
 
 READERS, READ_AHEAD = 8, 16  # partials read at once, and read ahead of the merge (latency)
 STRINGS = ["layer", "image_id", "image_hash"]  # read dictionary-encoded: few distinct values
@@ -188,8 +189,8 @@ def write_images(root: Store, records: list[dict[str, Any]], target: Store) -> t
     errors.parquet under `target`; return (images, bad images)."""
     total = bad = 0
     with (
-        target.parquet_writer("images.parquet", schema("images")) as images,
-        target.parquet_writer("errors.parquet", schema("errors")) as errors,
+        target.parquet_writer(IMAGES, schema("images")) as images,
+        target.parquet_writer(ERRORS, schema("errors")) as errors,
     ):
         read = functools.partial(partials.read_table, root, table="images")
         for table in _read_ahead(read, records, root):
@@ -216,7 +217,7 @@ def write_index(store: Store, index: pa.Table, layers: tuple[str, ...]) -> list[
         rows = index.filter(pc.equal(index["layer"], layer))
         rows = rows.sort_by([("unit", "ascending"), ("rank", "ascending")])
         per_unit = int(pc.max(rows["rank"]).as_py() or 1) if rows.num_rows else 1
-        rel = f"index/{layer}.parquet"
+        rel = index_file(layer)
         store.write_parquet(rel, rows, row_group_size=UNITS_PER_ROW_GROUP * per_unit)
         paths.append(rel)
     return paths

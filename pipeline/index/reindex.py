@@ -26,15 +26,17 @@ from typing import Any
 
 import pyarrow as pa
 
-from . import partials, versions
-from .config import IndexConfig
-from .data import CONTAINER_KEY, ImageRef, Shard, shard_of
-from .errors import ConfigError
-from .progress import Progress
-from .run import Plan, check_out, execute, plan, write_run_file
-from .sources import READ_FAILED, container_of
-from .storage import Store
-from .topk import merge
+from pipeline.config import IndexConfig
+from pipeline.dataset.containers import READ_FAILED, container_of
+from pipeline.dataset.refs import CONTAINER_KEY, ImageRef, Shard, shard_of
+from pipeline.errors import ConfigError
+from pipeline.index.plan import Plan, check_out, plan, write_run_file
+from pipeline.index.run import execute
+from pipeline.index.topk import merge
+from pipeline.progress import Progress
+from pipeline.store import partials, versions
+from pipeline.store.layout import DRIFT, IMAGES, REPORT, index_file
+from pipeline.store.storage import Store
 
 COMPARED = ("model", "layers", "k", "buffer", "preprocess", "data", "precision")  # need --full
 BEFORE = {"precision": "auto"}  # settings of versions written before the setting existed
@@ -114,7 +116,7 @@ def decide(p: Plan, prev: tuple[Store, dict] | None, full: bool) -> str:
 def compare(p: Plan, prev: tuple[Store, dict]) -> Delta:
     """Classify today's images and containers against the previous version's."""
     columns = ["image_id", "uri", "stamp", "bytes", "error", "shard"]
-    images = prev[0].read_parquet("images.parquet").select(columns).to_pylist()
+    images = prev[0].read_parquet(IMAGES).select(columns).to_pylist()
     before = {row["image_id"]: row for row in images if not _in_container(row["shard"])}
     loose = [ref for ref in p.refs if not ref.container]
     delta = Delta(removed=set(before) - {ref.image_id for ref in loose})
@@ -203,7 +205,7 @@ def incremental_shards(p: Plan, prev: tuple[Store, dict], delta: Delta, root: St
 
 
 def _members(prev: Store) -> dict[str, list[str]]:
-    table = prev.read_parquet("images.parquet").select(["image_id", "shard"])
+    table = prev.read_parquet(IMAGES).select(["image_id", "shard"])
     members: dict[str, list[str]] = defaultdict(list)
     for image_id, shard in zip(
         table["image_id"].to_pylist(), table["shard"].to_pylist(), strict=True
@@ -276,7 +278,7 @@ def drift(prev: Store, target: Store, layers: tuple[str, ...]) -> pa.Table:
 
 
 def _top_lists(store: Store, layer: str) -> dict[int, list[str]]:
-    rel = f"index/{layer}.parquet"
+    rel = index_file(layer)
     if not store.exists(rel):
         return {}
     table = store.read_parquet(rel).sort_by([("unit", "ascending"), ("rank", "ascending")])
@@ -315,9 +317,9 @@ def write_report(target, run_id, previous, mode, delta, counts, manifest, starte
         "seconds": round(seconds, 3),
         "map_seconds": manifest["timings"]["map_seconds"],
     }
-    target.write_parquet("report.parquet", pa.Table.from_pylist([report]))
+    target.write_parquet(REPORT, pa.Table.from_pylist([report]))
     if drifted is not None:
-        target.write_parquet("drift.parquet", drifted)
+        target.write_parquet(DRIFT, drifted)
     return report
 
 

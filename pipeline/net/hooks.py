@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from pipeline.errors import ConfigError
 
 
 @dataclass(frozen=True)

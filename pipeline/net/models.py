@@ -20,7 +20,7 @@ import torch
 import torchvision
 from torch import nn
 
-from .errors import ConfigError, InputNotFoundError, closest
+from pipeline.errors import ConfigError, InputNotFoundError, closest
 
 INIT_SEED = 0  # seed for models indexed without weights
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .errors import ConfigError, DataError, closest
+from pipeline.errors import ConfigError, DataError, closest
 
 Span = tuple[int, int]  # [start, end) in input pixels along one axis; empty when start >= end
 EMPTY: Span = (0, 0)

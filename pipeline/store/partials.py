@@ -15,13 +15,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import DataError
-from .schemas import conform
-from .storage import Store
+from pipeline.errors import DataError
+from pipeline.store.layout import partial_commit, partial_table
+from pipeline.store.schemas import conform
+from pipeline.store.storage import Store
 
-ROOT = "partials"
 RUN_KEY = b"ninebest.run"  # Parquet metadata: the run fingerprint that wrote the partial
-COMMIT = "_COMMIT.json"
 
 
 def new_attempt() -> str:
@@ -38,20 +37,19 @@ def write(
     report: dict[str, Any],
 ) -> dict[str, Any]:
     """Write one attempt's tables, then its commit record; return the record."""
-    folder = posixpath.join(ROOT, shard_key, attempt)
     stamp = {RUN_KEY: run_fingerprint.encode()}
     for name, table, schema_name in (("topk", topk, "partial"), ("images", images, "images")):
         table = conform(table, schema_name)
         table = table.replace_schema_metadata({**table.schema.metadata, **stamp})
-        store.write_parquet(f"{folder}/{name}.parquet", table)
+        store.write_parquet(partial_table(shard_key, attempt, name), table)
     record = {**report, "shard": shard_key, "attempt": attempt, "run": run_fingerprint}
-    store.write_json(posixpath.join(ROOT, shard_key, COMMIT), record)
+    store.write_json(partial_commit(shard_key), record)
     return record
 
 
 def read_commit(store: Store, shard_key: str, run_fingerprint: str) -> dict[str, Any] | None:
     """The shard's commit record if it belongs to this run, else None (the shard must be run)."""
-    rel = posixpath.join(ROOT, shard_key, COMMIT)
+    rel = partial_commit(shard_key)
     if not store.exists(rel):
         return None
     record = store.read_json(rel)
@@ -69,7 +67,7 @@ def read_table(
     (the reduce decodes only the strings of rows it keeps).
     """
     assert table in ("topk", "images"), table
-    rel = posixpath.join(ROOT, record["shard"], record["attempt"], f"{table}.parquet")
+    rel = partial_table(record["shard"], record["attempt"], table)
     raw = pa.BufferReader(store.read_bytes(rel))
     data = pq.ParquetFile(raw, read_dictionary=read_dictionary).read()
     written_by = (data.schema.metadata or {}).get(RUN_KEY, b"").decode()

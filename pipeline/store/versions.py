@@ -22,14 +22,20 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import partials
-from .errors import DataError
-from .storage import Store
+from pipeline.errors import DataError
+from pipeline.store.layout import (
+    COMMIT,
+    LATEST,
+    LOCK,
+    MANIFEST,
+    PARTIALS,
+    VERSIONS,
+    index_file,
+    partial_folder,
+    version_folder,
+)
+from pipeline.store.storage import Store
 
-ROOT = "versions"
-LATEST = "LATEST"
-LOCK = "_LOCK"
-MANIFEST = "manifest.json"
 LOCK_TTL = 15 * 60  # seconds a lock lives without a heartbeat
 HEARTBEAT_EVERY = LOCK_TTL / 30  # seconds between routine heartbeats, at most one write each
 
@@ -39,7 +45,7 @@ def new_run_id() -> str:
 
 
 def version(store: Store, run_id: str) -> Store:
-    return store.child(posixpath.join(ROOT, run_id))
+    return store.child(version_folder(run_id))
 
 
 def latest(store: Store) -> str | None:
@@ -54,7 +60,11 @@ def set_latest(store: Store, run_id: str) -> None:
 
 def complete(store: Store) -> list[str]:
     """Run ids of complete versions, oldest first."""
-    return [r for r in store.listdir(ROOT) if store.exists(f"{ROOT}/{r}/{MANIFEST}")]
+    return [
+        r
+        for r in store.listdir(VERSIONS)
+        if store.exists(posixpath.join(version_folder(r), MANIFEST))
+    ]
 
 
 def newest(store: Store) -> Store:
@@ -143,22 +153,22 @@ def prune(store: Store, keep: int) -> list[str]:
     current = latest(store)
     done = complete(store)
     kept = set(done[-keep:]) | ({current} if current else set())
-    removed = [r for r in store.listdir(ROOT) if r not in kept]
+    removed = [r for r in store.listdir(VERSIONS) if r not in kept]
     for run_id in removed:
-        store.remove(f"{ROOT}/{run_id}")
+        store.remove(version_folder(run_id))
     used: dict[str, set[str]] = {}
     for target in [version(store, r) for r in sorted(kept)] + (
         [store] if store.exists(MANIFEST) else []
     ):
         for shard in target.read_json(MANIFEST)["shards"]:
             used.setdefault(shard["key"], set()).add(shard["attempt"])
-    for key in store.listdir(partials.ROOT):
+    for key in store.listdir(PARTIALS):
         if key not in used:
-            store.remove(f"{partials.ROOT}/{key}")
+            store.remove(posixpath.join(PARTIALS, key))
             continue
-        for attempt in store.listdir(f"{partials.ROOT}/{key}"):
-            if attempt != partials.COMMIT and attempt not in used[key]:
-                store.remove(f"{partials.ROOT}/{key}/{attempt}")
+        for attempt in store.listdir(posixpath.join(PARTIALS, key)):
+            if attempt != COMMIT and attempt not in used[key]:
+                store.remove(partial_folder(key, attempt))
     return removed
 
 
@@ -167,7 +177,7 @@ def history(store: Store, layer: str, units: int | list[int]) -> pa.Table:
     wanted = pa.array([units] if isinstance(units, int) else list(units), pa.int32())
     tables = []
     for run_id in complete(store):
-        rel = f"{ROOT}/{run_id}/index/{layer}.parquet"
+        rel = posixpath.join(version_folder(run_id), index_file(layer))
         if not store.exists(rel):
             continue
         rows = store.read_parquet(rel)

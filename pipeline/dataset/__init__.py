@@ -1,0 +1,1 @@
+"""The dataset: listing images and containers, shard keys, reading bytes, decoding pixels."""

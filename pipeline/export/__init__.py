@@ -1,0 +1,1 @@
+"""The export stage: patches, deconv projections, grids and the atlas, from an index."""

@@ -1,0 +1,96 @@
+"""What the driver decides before the map stage: the validated plan and the run's fingerprint.
+
+Everything a user can get wrong (model, weights, layers, data, output folder) is checked here,
+before anything is written to OUT. The run fingerprint hashes everything that changes a partial's
+content; a partial is reused (resume, reindex) only under the same fingerprint. OUT/run.json,
+the first file written, records it, so an OUT holding another run is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from pipeline.config import IndexConfig
+from pipeline.dataset.listing import list_images
+from pipeline.dataset.refs import ImageRef, Shard, data_fingerprint, plan_shards
+from pipeline.errors import DataError
+from pipeline.net.hooks import probe
+from pipeline.net.models import load_model, resolve_layers
+from pipeline.store.layout import RUN_FILE
+from pipeline.store.schemas import VERSIONS
+from pipeline.store.storage import Store
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the driver validated and decided before the map stage."""
+
+    cfg: IndexConfig
+    model_fingerprint: str
+    run_fingerprint: str
+    data_fingerprint: str
+    shapes: dict[str, tuple[int, ...]]  # layer -> (C,) or (C, H, W)
+    refs: list[ImageRef]  # every listed image, sorted by image_id
+    shards: list[Shard]
+
+
+def plan(cfg: IndexConfig) -> Plan:
+    """Validate the config against the model and data; nothing is written."""
+    loaded = load_model(cfg.model, cfg.weights, cfg.storage_options)
+    layers = resolve_layers(loaded.module, cfg.layers)
+    shapes = probe(loaded.module, layers, cfg.preprocess.crop)
+    refs = list_images(cfg.data, cfg.storage_options)
+    if not refs:
+        raise DataError(
+            f"--data {cfg.data!r} holds no images (looked for common image extensions, .tar and "
+            ".parquet files)"
+        )
+    run_fp = run_fingerprint(cfg, loaded.fingerprint)
+    shards = plan_shards(refs, cfg.shard_size)
+    return Plan(cfg, loaded.fingerprint, run_fp, data_fingerprint(refs), shapes, refs, shards)
+
+
+def run_fingerprint(cfg: IndexConfig, model_fingerprint: str) -> str:
+    """Hash of everything that changes a partial's content: model, weights, layers, k, geometry."""
+    key = {
+        "model": cfg.model,
+        "weights": model_fingerprint,
+        "layers": list(cfg.layers),
+        "k": cfg.k,
+        "depth": cfg.depth,
+        "preprocess": cfg.to_json()["preprocess"],
+        "precision": cfg.precision,
+        "data": cfg.data,
+        "schemas": {name: VERSIONS[name] for name in ("partial", "images")},
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def write_run_file(store: Store, p: Plan) -> None:
+    """Record the run's fingerprint in OUT: the first write, so an unwritable OUT fails here."""
+    try:
+        store.write_json(RUN_FILE, {"run": p.run_fingerprint, "config": p.cfg.to_json()})
+    except OSError as e:
+        raise DataError(f"cannot write to --out {store.url!r} ({e}); check that it exists") from e
+
+
+def check_out(store: Store, p: Plan) -> None:
+    """Refuse an OUT that holds another run, or files that are not a ninebest run."""
+    if store.exists(RUN_FILE):
+        previous = store.read_json(RUN_FILE)
+        if previous.get("run") == p.run_fingerprint:
+            return
+        old, new = previous.get("config", {}), p.cfg.json()
+        differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        what = ", ".join(differ) if differ else "model weights or ninebest's partial format"
+        raise DataError(
+            f"--out {store.url!r} already holds a different run ({what} differ); "
+            "choose a new --out, or delete the old one"
+        )
+    if store.listdir(""):
+        raise DataError(
+            f"--out {store.url!r} is not empty and holds no ninebest run; "
+            "choose a new or empty folder"
+        )

@@ -1,0 +1,1 @@
+"""The model: loading, layer capture, receptive fields, shared instrumentation, the device."""

@@ -1,0 +1,57 @@
+"""The map worker without Ray: precision, and what a committed shard records."""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+
+import oracle
+from pipeline.config import IndexConfig
+from pipeline.dataset.listing import list_images
+from pipeline.dataset.refs import plan_shards
+from pipeline.index.map import ShardIndexer
+from pipeline.net.device import resolve_precision
+from pipeline.net.models import load_model
+from pipeline.store.partials import read_table
+from pipeline.store.storage import Store
+
+LAYERS = ("features.3", "classifier.4")
+
+
+def test_auto_precision_is_float32_on_cpu_and_explicit_values_stay():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == "float32"
+    assert resolve_precision("bfloat16", cpu) == "bfloat16"
+    assert resolve_precision("float32", torch.device("cuda")) == "float32"
+
+
+def test_bfloat16_index_runs_under_autocast_and_says_so(photos, alexnet_weights, tmp_path):
+    """The worker's bfloat16 activations are what torch autocast computes for the same batches
+    (up to preprocessing rounding), and differ from float32 within bfloat16's precision."""
+    cfg = IndexConfig(
+        model="torchvision:alexnet", weights=str(alexnet_weights), data=str(photos / "animals"),
+        layers=LAYERS, out=str(tmp_path), k=3, batch_size=4, precision="bfloat16",
+    )  # fmt: skip
+    shard = plan_shards(list_images(cfg.data), 256)[0]
+    loaded = load_model(cfg.model, cfg.weights)
+    worker = ShardIndexer(cfg, "run", loaded.fingerprint, threads=2)
+    record = worker.index_shard(shard, {"features.3": 192, "classifier.4": 4096})
+    assert record["precision"] == "bfloat16"
+    table = read_table(Store(str(tmp_path)), record, "topk").to_pandas()
+
+    model = torchvision.models.alexnet()
+    model.load_state_dict(torch.load(alexnet_weights, weights_only=True))
+    model.eval()
+    images = torch.stack([oracle.load(photos / "animals" / r.image_id) for r in shard.refs])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = oracle.activations(model, LAYERS, images, batch=4)  # the worker's batches
+    full = oracle.activations(model, LAYERS, images)
+    ids = [r.image_id for r in shard.refs]
+    moved = 0
+    for row in table.itertuples():
+        i = ids.index(row.image_id)
+        autocast, exact = (float(out[row.layer][i, row.unit].max()) for out in (low, full))
+        assert abs(row.activation - autocast) <= 2e-2 * abs(autocast) + 1e-3
+        assert abs(row.activation - exact) <= 5e-2 * abs(exact) + 1e-2
+        moved += abs(row.activation - exact) > 1e-4 * abs(exact)
+    assert moved > len(table) // 4  # bfloat16 really ran: most values moved off float32

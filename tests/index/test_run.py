@@ -1,0 +1,162 @@
+"""`ninebest index` end to end on a loopback Ray instance, against the brute-force oracle."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torchvision
+
+import oracle
+from pipeline.config import IndexConfig
+from pipeline.errors import DataError
+from pipeline.index.run import check_precisions, index
+from pipeline.progress import Progress
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+ALEXNET_LAYERS = ("features.3", "features.10", "features.12", "classifier.4")
+RESNET_LAYERS = ("layer2", "layer4.1.conv2", "avgpool", "fc")
+
+
+def run(data: Path, out: Path, model: str, weights: Path, layers, **kw) -> dict:
+    cfg = IndexConfig(
+        model=model, weights=str(weights), data=str(data), layers=layers, out=str(out),
+        workers=2, batch_size=4, shard_size=10, **kw,
+    )  # fmt: skip
+    return index(cfg, Progress(quiet=True))
+
+
+def oracle_outputs(name: str, weights: Path, layers, data: Path):
+    model = torchvision.models.get_model(name, weights=None)
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    model.eval()
+    paths = sorted(
+        (p for p in data.rglob("*") if p.suffix in (".jpg", ".png") and p.stat().st_size > 200),
+        key=lambda p: p.relative_to(data).as_posix(),
+    )
+    paths = [p for p in paths if _decodes(p)]
+    ids = [p.relative_to(data).as_posix() for p in paths]
+    images = torch.stack([oracle.load(p) for p in paths])  # (N, 3, 224, 224)
+    return oracle.activations(model, layers, images), ids
+
+
+def _decodes(path: Path) -> bool:
+    try:
+        oracle.load(path)
+    except Exception:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def dirty_photos(photos, tmp_path_factory) -> Path:
+    """The photographs plus an empty file, text named .png, and a truncated PNG."""
+    root = tmp_path_factory.mktemp("dirty")
+    shutil.copytree(photos, root, dirs_exist_ok=True)
+    (root / "bad").mkdir()
+    (root / "bad" / "empty.jpg").write_bytes(b"")
+    (root / "bad" / "text.png").write_text("this is not an image\n" * 20)
+    good = next(photos.rglob("*.png")).read_bytes()
+    (root / "bad" / "truncated.png").write_bytes(good[: len(good) // 3])
+    return root
+
+
+@pytest.fixture(scope="module")
+def alexnet_run(dirty_photos, alexnet_weights, tmp_path_factory):
+    out = tmp_path_factory.mktemp("alexnet") / "out"
+    manifest = run(
+        dirty_photos, out, "torchvision:alexnet", alexnet_weights, ALEXNET_LAYERS,
+        max_bad_fraction=0.1,
+    )  # fmt: skip
+    return out, manifest
+
+
+def test_alexnet_index_equals_brute_force(alexnet_run, dirty_photos, alexnet_weights):
+    out, manifest = alexnet_run
+    outputs, ids = oracle_outputs("alexnet", alexnet_weights, ALEXNET_LAYERS, dirty_photos)
+    rows = pd.read_parquet(out / "index").to_dict("records")
+    oracle.compare(rows, outputs, ids, k=9)
+    assert manifest["counts"]["shards"] == 6 and manifest["counts"]["indexed"] == len(ids)
+    assert manifest["layers"]["classifier.4"] == [4096]
+    assert manifest["layers"]["features.10"] == [256, 13, 13]
+
+
+def test_corrupt_images_are_skipped_and_recorded(alexnet_run):
+    out, manifest = alexnet_run
+    errors = pd.read_parquet(out / "errors.parquet")
+    assert sorted(errors["image_id"]) == ["bad/empty.jpg", "bad/text.png", "bad/truncated.png"]
+    assert errors["error"].str.len().min() > 0
+    images = pd.read_parquet(out / "images.parquet")
+    assert len(images) == manifest["counts"]["images"] == 51
+    assert images["image_hash"].notna().sum() == 48
+
+
+def test_index_rows_trace_to_image_bytes(alexnet_run, dirty_photos):
+    out, _ = alexnet_run
+    import hashlib
+
+    rows = pd.read_parquet(out / "index").drop_duplicates("image_id")
+    for row in rows.itertuples():
+        data = (dirty_photos / row.image_id).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == row.image_hash
+
+
+def test_index_files_follow_the_schema(alexnet_run):
+    from pipeline.store.schemas import schema
+
+    out, _ = alexnet_run
+    for path in (out / "index").glob("*.parquet"):
+        assert pq.read_schema(path).equals(schema("index"), check_metadata=False)
+        meta = pq.read_schema(path).metadata
+        assert meta[b"ninebest.schema"] == b"index" and meta[b"ninebest.schema_version"] == b"1"
+
+
+def test_resume_recomputes_only_missing_shards(alexnet_run, dirty_photos, alexnet_weights):
+    out, manifest = alexnet_run
+    before = pd.read_parquet(out / "index")
+    keys = [s["key"] for s in manifest["shards"]]
+    for key in keys[1:3]:
+        shutil.rmtree(out / "partials" / key)
+    again = run(
+        dirty_photos, out, "torchvision:alexnet", alexnet_weights, ALEXNET_LAYERS,
+        max_bad_fraction=0.1,
+    )  # fmt: skip
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "index"), before)
+    old = {s["key"]: s["attempt"] for s in manifest["shards"]}
+    new = {s["key"]: s["attempt"] for s in again["shards"]}
+    assert [k for k in keys if old[k] != new[k]] == keys[1:3]
+
+
+def test_resnet18_index_equals_brute_force(photos, resnet18_weights, tmp_path):
+    run(photos, tmp_path / "out", "torchvision:resnet18", resnet18_weights, RESNET_LAYERS)
+    outputs, ids = oracle_outputs("resnet18", resnet18_weights, RESNET_LAYERS, photos)
+    rows = pd.read_parquet(tmp_path / "out" / "index").to_dict("records")
+    oracle.compare(rows, outputs, ids, k=9)
+
+
+def test_too_many_bad_images_fail_after_recording_them(dirty_photos, tmp_path):
+    from pipeline.errors import DataError
+
+    with pytest.raises(DataError, match=r"3 of 51 images .* --max-bad-fraction"):
+        index(
+            IndexConfig(
+                model="tiny_models:tiny", data=str(dirty_photos), layers=("conv2", "fc"),
+                out=str(tmp_path / "out"), workers=2, shard_size=20,
+            ),
+            Progress(quiet=True),
+        )  # fmt: skip
+    assert len(pd.read_parquet(tmp_path / "out" / "errors.parquet")) == 3
+    assert not (tmp_path / "out" / "index").exists()
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_shards_of_different_precisions_are_not_merged():
+    check_precisions([{"precision": "float32"}, {}])  # records before --precision: float32
+    mixed = r"\(1 shards in bfloat16, 1 shards in float32\).*--precision"
+    with pytest.raises(DataError, match=mixed):
+        check_precisions([{"precision": "bfloat16"}, {"precision": "float32"}])
