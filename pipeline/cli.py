@@ -15,6 +15,7 @@ from pathlib import Path
 from pipeline.cluster.submit import add_commands as submit_commands
 from pipeline.config import IndexConfig, build_index_config, load_spec, parse_list, storage_options
 from pipeline.errors import ConfigError, NinebestError
+from pipeline.store.layout import ERRORS, INDEX_DIR
 
 DEMO_IMAGES = Path(__file__).resolve().parent / "demo_images"
 DEMO_LAYERS = ("layer1", "layer2", "layer3", "layer4", "fc")
@@ -179,10 +180,10 @@ def run_index(cfg: IndexConfig) -> int:
     from pipeline.index.run import index  # imports Ray: keep `ninebest --help` fast
 
     manifest = index(cfg)
-    where = cfg.out.rstrip("/") + "/index"
+    where = f"{cfg.out.rstrip('/')}/{INDEX_DIR}"
     print(f"index: {where}  ({manifest['counts']['index_rows']} rows)")
     if manifest["counts"]["bad"]:
-        print(f"skipped images: {cfg.out.rstrip('/')}/errors.parquet")
+        print(f"skipped images: {cfg.out.rstrip('/')}/{ERRORS}")
     print(f"query: python -c \"import pandas as pd; print(pd.read_parquet('{where}'))\"")
     return 0
 

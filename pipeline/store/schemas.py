@@ -9,12 +9,13 @@ into the Parquet metadata, so a reader can tell which contract a file follows.
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import json
 from pathlib import Path
 
 import pyarrow as pa
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+SCHEMA_DIR = Path(str(importlib.resources.files("schemas")))  # the top-level schemas/ package
 # what this code writes
 VERSIONS = {"index": 1, "partial": 1, "images": 2, "errors": 1, "export": 1}
 
