@@ -44,7 +44,8 @@ from pipeline.dataset.refs import plan_shards  # noqa: E402
 from pipeline.index.map import ShardIndexer  # noqa: E402
 from pipeline.index.topk import RunningTopK  # noqa: E402
 from pipeline.net.hooks import Capture, probe  # noqa: E402
-from pipeline.net.models import load_model, resolve_layers  # noqa: E402
+from pipeline.net.instrument import find_layers  # noqa: E402
+from pipeline.net.models import load_model  # noqa: E402
 
 
 def rate(images: int, fn, device: torch.device) -> float:
@@ -124,7 +125,7 @@ def main() -> None:
 
         cfg = config(a.threads)
         loaded = load_model(cfg.model)
-        layers = resolve_layers(loaded.module, cfg.layers)
+        layers = find_layers(loaded.module, cfg.layers)
         refs = list_images(cfg.data)
         refs = (refs * (a.images // len(refs) + 1))[: a.images]
         refs = [type(r)(f"{i:05d}/{r.image_id}", r.uri, r.size) for i, r in enumerate(refs)]

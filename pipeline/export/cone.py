@@ -38,15 +38,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.errors import ConfigError
-from pipeline.export.deconv import (
-    _check_range,
-    _eval_mode,
-    _find_layer,
-    _LayerReached,
-    _stop_after,
-    project,
-)
+from pipeline.export.deconv import check_range, project
 from pipeline.export.tape import INPUT, Step, Tape, watching_functions
+from pipeline.net.instrument import StopForward, eval_mode, find_layer, stop_after
 
 __all__ = ["project_rows"]
 
@@ -214,10 +208,10 @@ def _record(model: nn.Module, module: nn.Module, images: Tensor) -> tuple[Tape, 
     """Forward `images` (no autograd) until `module` has run; the tape and the module's output."""
     pixels = images.clone()  # (N, C, H, W) tagged as the input; the caller's tensor is untouched
     tape = Tape(pixels)
-    with _stop_after(module) as outputs, tape, watching_functions(tape), torch.no_grad():
+    with stop_after(module) as outputs, tape, watching_functions(tape), torch.no_grad():
         try:
             model(pixels)
-        except _LayerReached:
+        except StopForward:
             pass
     return tape, outputs[0] if outputs else None
 
@@ -246,9 +240,9 @@ def _seeds(output: Tensor, layer: str, rows: tuple[Tensor, ...]) -> tuple[Tensor
     """The activations (R,) and the one-hot seed of each row on a 1x1 frame at (y, x)."""
     which, units, ys, xs = rows
     shape = tuple(output.shape)
-    _check_range("unit", units, shape[1], layer, shape)
-    _check_range("y", ys, shape[2], layer, shape)
-    _check_range("x", xs, shape[3], layer, shape)
+    check_range("unit", units, shape[1], layer, shape)
+    check_range("y", ys, shape[2], layer, shape)
+    check_range("x", xs, shape[3], layer, shape)
     activations = output[which, units, ys, xs]  # (R,)
     values = output.new_zeros(len(which), shape[1], 1, 1)  # (R, K, 1, 1)
     values[torch.arange(len(which), device=output.device), units, 0, 0] = activations
@@ -270,12 +264,12 @@ def project_rows(
     integer, `which` indexes `images`. Returns projections (R, C, H, W) and activations (R,), as
     `deconv.project(model, layer, images[which], units, ys, xs, return_activations=True)` does.
     """
-    module = _find_layer(model, layer)
+    module = find_layer(model, layer)
     _check_rows(images, which, units, ys, xs)
     rows = tuple(index.to(images.device, torch.long) for index in (which, units, ys, xs))
     if any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
         return _fallback(model, layer, images, rows)  # scripted code is invisible to the tape
-    with _eval_mode(model):
+    with eval_mode(model):
         tape, output = _record(model, module, images)
         if output is None or tape.node(output) is None or output.dim() != 4:
             return _fallback(model, layer, images, rows)

@@ -34,20 +34,18 @@ per image and each backward restricted to its activation's cone, and falls back 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from pipeline.errors import ConfigError, closest
+from pipeline.errors import ConfigError
+from pipeline.net.instrument import StopForward, eval_mode, find_layer, stop_after
 
-__all__ = ["project"]
+__all__ = ["RELUS", "RELUS_INPLACE", "check_range", "project"]
 
-_RELUS = {F.relu, torch.relu, Tensor.relu}
-_RELUS_INPLACE = {F.relu_, torch.relu_, Tensor.relu_}
+RELUS = {F.relu, torch.relu, Tensor.relu}
+RELUS_INPLACE = {F.relu_, torch.relu_, Tensor.relu_}
 
 
 class DeconvReLU(torch.autograd.Function):
@@ -70,53 +68,10 @@ class _DeconvReLUs(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _RELUS or func in _RELUS_INPLACE:
-            inplace = func in _RELUS_INPLACE or bool(kwargs.get("inplace", False))
+        if func in RELUS or func in RELUS_INPLACE:
+            inplace = func in RELUS_INPLACE or bool(kwargs.get("inplace", False))
             return DeconvReLU.apply(args[0], inplace)
         return func(*args, **kwargs)
-
-
-class _LayerReached(Exception):
-    """Raised by the forward hook to stop the forward once `layer` has produced its output."""
-
-
-@contextlib.contextmanager
-def _stop_after(module: nn.Module) -> Iterator[list]:
-    """Collect `module`'s first output and stop the forward there; the hook is always removed."""
-    outputs: list = []
-
-    def hook(_module: nn.Module, _inputs: tuple, output: object) -> None:
-        outputs.append(output)
-        raise _LayerReached
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield outputs
-    finally:
-        handle.remove()
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put `model` in eval mode, then restore each module's own `training` flag."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            if module.training != training:  # skips nn.Module.__setattr__ for unchanged ones
-                module.training = training
-
-
-def _find_layer(model: nn.Module, layer: str) -> nn.Module:
-    """The submodule named `layer` (dotted name, as in `model.named_modules()`)."""
-    modules = {name: module for name, module in model.named_modules() if name}
-    if layer not in modules:
-        raise ConfigError(
-            f"unknown layer {layer!r}; closest valid names: {closest(layer, modules)}"
-        )
-    return modules[layer]
 
 
 def _check_inputs(images: Tensor, units: Tensor, ys: Tensor, xs: Tensor) -> None:
@@ -136,10 +91,10 @@ def _check_inputs(images: Tensor, units: Tensor, ys: Tensor, xs: Tensor) -> None
 
 def _forward_to(model: nn.Module, module: nn.Module, layer: str, pixels: Tensor) -> Tensor:
     """Run the forward with deconvnet ReLUs until `layer` has produced its output."""
-    with _stop_after(module) as outputs, _DeconvReLUs():
+    with stop_after(module) as outputs, _DeconvReLUs():
         try:
             model(pixels)
-        except _LayerReached:
+        except StopForward:
             pass
     if not outputs:
         raise ConfigError(f"layer {layer!r} is not called by the model's forward")
@@ -149,7 +104,7 @@ def _forward_to(model: nn.Module, module: nn.Module, layer: str, pixels: Tensor)
     return output
 
 
-def _check_range(name: str, index: Tensor, size: int, layer: str, shape: tuple) -> None:
+def check_range(name: str, index: Tensor, size: int, layer: str, shape: tuple) -> None:
     """Each entry of `index` must lie in [0, size)."""
     bad = (index < 0) | (index >= size)  # (B,)
     if bool(bad.any()):
@@ -164,9 +119,9 @@ def _select(output: Tensor, layer: str, units: Tensor, ys: Tensor, xs: Tensor) -
     shape = tuple(output.shape)
     units, ys, xs = (index.to(output.device, torch.long) for index in (units, ys, xs))  # (B,)
     height, width = shape[2:] if output.dim() == 4 else (1, 1)
-    _check_range("unit", units, shape[1], layer, shape)
-    _check_range("y", ys, height, layer, shape)
-    _check_range("x", xs, width, layer, shape)
+    check_range("unit", units, shape[1], layer, shape)
+    check_range("y", ys, height, layer, shape)
+    check_range("x", xs, width, layer, shape)
     batch = torch.arange(shape[0], device=output.device)  # (B,)
     if output.dim() == 2:
         return output[batch, units]  # (B,)
@@ -192,9 +147,9 @@ def project(
     input space, and with `return_activations` also the recomputed activations (B,), which are
     the seeds. Samples are independent: the model runs in eval mode.
     """
-    module = _find_layer(model, layer)
+    module = find_layer(model, layer)
     _check_inputs(images, units, ys, xs)
-    with _eval_mode(model), torch.inference_mode(False), torch.enable_grad():
+    with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
         pixels = images.clone().requires_grad_(True)  # (B, C, H, W) also from inference mode
         # A second copy as input: in-place ops of the model must not hit the leaf.
         output = _forward_to(model, module, layer, pixels.clone())  # (B, K, h, w) or (B, K)

@@ -35,7 +35,8 @@ from torch import Tensor
 from torch.autograd.function import Function
 from torch.overrides import TorchFunctionMode
 
-from pipeline.export.deconv import _RELUS, _RELUS_INPLACE
+from pipeline.export.deconv import RELUS, RELUS_INPLACE
+from pipeline.net.instrument import pair
 
 __all__ = ["INPUT", "Step", "Tape", "watching_functions"]
 
@@ -128,16 +129,16 @@ class Tape(TorchFunctionMode):
         )
         p = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False}
         p |= dict(zip(names, args, strict=False)) | kwargs
-        kernel = _pair(p["kernel_size"])
-        stride = kernel if p["stride"] in (None, []) else _pair(p["stride"])
+        kernel = pair(p["kernel_size"])
+        stride = kernel if p["stride"] in (None, []) else pair(p["stride"])
         pixels = p["input"]
         out, indices = F.max_pool2d_with_indices(
             pixels, kernel, stride, p["padding"], p["dilation"], p["ceil_mode"], True
         )  # (N, C, h, w), (N, C, h, w) flat positions in the input map
         if pixels.dim() == 4:
             params = {"switches": indices, "width": pixels.shape[3], "kernel": kernel}
-            params |= {"stride": stride, "padding": _pair(p["padding"])}
-            self._add("pool", (pixels,), out, dilation=_pair(p["dilation"]), **params)
+            params |= {"stride": stride, "padding": pair(p["padding"])}
+            self._add("pool", (pixels,), out, dilation=pair(p["dilation"]), **params)
         else:
             self._add("opaque", (pixels,), out, name="max_pool2d")
         wanted = p.get("return_indices", False) or func is F.max_pool2d_with_indices
@@ -166,7 +167,7 @@ def _rule(tape: Tape, func: Callable, args: tuple, kwargs: dict, out: object):
     """(rule, inputs, params) for an op we can follow back exactly, else None."""
     if not isinstance(out, Tensor):
         return None
-    if func in _RELUS or func in _RELUS_INPLACE:
+    if func in RELUS or func in RELUS_INPLACE:
         return "relu", (args[0],), {}
     if func is F.conv2d:
         return _conv(tape, args, kwargs)
@@ -201,7 +202,7 @@ def _conv(tape: Tape, args: tuple, kwargs: dict):
         return None
     if tape.node(p["weight"]) is not None or tape.node(p["bias"]) is not None:
         return None  # weights computed from the input: not a fixed linear map
-    conv = {key: _pair(p[key]) for key in ("stride", "padding", "dilation")}
+    conv = {key: pair(p[key]) for key in ("stride", "padding", "dilation")}
     return "conv", (p["input"],), {"weight": p["weight"], "groups": p["groups"], **conv}
 
 
@@ -210,13 +211,13 @@ def _avg_pool(args: tuple, kwargs: dict):
     names = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
     p = {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True}
     p |= dict(zip((*names, "divisor_override"), args, strict=False)) | kwargs
-    (ky, kx), padding = _pair(p["kernel_size"]), _pair(p["padding"])
+    (ky, kx), padding = pair(p["kernel_size"]), pair(p["padding"])
     fixed = p["count_include_pad"] or padding == (0, 0)  # else the border windows divide by less
     if p["ceil_mode"] or not fixed or p.get("divisor_override") or p["input"].dim() != 4:
         return None
     channels = p["input"].shape[1]
     weight = p["input"].new_full((channels, 1, ky, kx), 1.0 / (ky * kx))  # (C, 1, ky, kx)
-    stride = (ky, kx) if p["stride"] in (None, []) else _pair(p["stride"])
+    stride = (ky, kx) if p["stride"] in (None, []) else pair(p["stride"])
     conv = {"weight": weight, "groups": channels, "stride": stride, "padding": padding}
     return "conv", (p["input"],), {**conv, "dilation": (1, 1)}
 
@@ -252,13 +253,6 @@ def _tensors(value: object) -> Iterator[Tensor]:
             yield from _tensors(item)
     elif isinstance(value, dict):
         yield from _tensors(list(value.values()))
-
-
-def _pair(value) -> tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    value = tuple(value)
-    return (value[0], value[0]) if len(value) == 1 else (value[0], value[1])
 
 
 def _name(func: Callable) -> str:

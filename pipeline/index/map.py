@@ -32,7 +32,8 @@ from pipeline.index import faults
 from pipeline.index.topk import RunningTopK
 from pipeline.net.device import pick_device, resolve_precision
 from pipeline.net.hooks import Capture
-from pipeline.net.models import load_expected, resolve_layers
+from pipeline.net.instrument import find_layers
+from pipeline.net.models import load_expected
 from pipeline.store import partials
 from pipeline.store.prefetch import background, prefetch
 from pipeline.store.storage import Store
@@ -68,7 +69,7 @@ class ShardIndexer:
         self.precision = resolve_precision(cfg.precision, self.device)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.layers = resolve_layers(self.model, cfg.layers)
+        self.layers = find_layers(self.model, cfg.layers)
         self.store = Store(cfg.out, cfg.storage_options)
 
     def index_shard(self, shard: Shard, units: dict[str, int]) -> dict[str, Any]:

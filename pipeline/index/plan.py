@@ -17,7 +17,8 @@ from pipeline.dataset.listing import list_images
 from pipeline.dataset.refs import ImageRef, Shard, data_fingerprint, plan_shards
 from pipeline.errors import DataError
 from pipeline.net.hooks import probe
-from pipeline.net.models import load_model, resolve_layers
+from pipeline.net.instrument import find_layers
+from pipeline.net.models import load_model
 from pipeline.store.layout import RUN_FILE
 from pipeline.store.schemas import VERSIONS
 from pipeline.store.storage import Store
@@ -39,7 +40,7 @@ class Plan:
 def plan(cfg: IndexConfig) -> Plan:
     """Validate the config against the model and data; nothing is written."""
     loaded = load_model(cfg.model, cfg.weights, cfg.storage_options)
-    layers = resolve_layers(loaded.module, cfg.layers)
+    layers = find_layers(loaded.module, cfg.layers)
     shapes = probe(loaded.module, layers, cfg.preprocess.crop)
     refs = list_images(cfg.data, cfg.storage_options)
     if not refs:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.errors import ConfigError
+from pipeline.net.instrument import StopForward
 
 
 @dataclass(frozen=True)
@@ -47,10 +48,6 @@ def spatial_max(name: str, output: Tensor) -> LayerMax:
 def _canonical(values: Tensor) -> Tensor:
     """NaN becomes -inf and -0.0 becomes 0.0, so that every sort sees one total order."""
     return values.nan_to_num(nan=float("-inf")) + 0.0  # (B, C)
-
-
-class _StopForward(Exception):
-    """Raised by the last hook to skip the layers after the deepest chosen one."""
 
 
 class Capture:
@@ -88,7 +85,7 @@ class Capture:
             self.shapes[name] = tuple(output.shape) if isinstance(output, Tensor) else ()
             self.maxima[name] = spatial_max(name, output)
             if self.stop_early and len(self.maxima) == len(self.layers):
-                raise _StopForward
+                raise StopForward
 
         return hook
 
@@ -97,7 +94,7 @@ class Capture:
         self.maxima, self.calls = {}, {}
         try:
             self.model(x)
-        except _StopForward:
+        except StopForward:
             pass
         missing = [name for name in self.layers if name not in self.maxima]
         if missing:

@@ -199,17 +199,3 @@ def fingerprint(model: nn.Module) -> str:
         digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(flat.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def resolve_layers(model: nn.Module, names: tuple[str, ...]) -> dict[str, nn.Module]:
-    """Map each dotted layer name to its module; unknown names list the closest valid ones."""
-    modules = dict(model.named_modules())
-    valid = [n for n in modules if n]
-    found = {}
-    for name in names:
-        if name not in modules or not name:
-            raise ConfigError(
-                f"unknown layer {name!r}; closest valid names: {closest(name, valid)}"
-            )
-        found[name] = modules[name]
-    return found

@@ -32,9 +32,8 @@ global context and does not widen the field. Adaptive pooling with unequal bins 
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from pipeline.errors import ConfigError, DataError, closest
+from pipeline.net.instrument import eval_mode, pair
 
 Span = tuple[int, int]  # [start, end) in input pixels along one axis; empty when start >= end
 EMPTY: Span = (0, 0)
@@ -90,10 +90,10 @@ def receptive_field(
     model: nn.Module, layer: str, input_size: tuple[int, int] = (224, 224)
 ) -> ReceptiveField:
     """Receptive field of every unit of `layer` for an (H, W) = `input_size` model input."""
-    size = _pair(input_size)
+    size = pair(input_size)
     if min(size) < 1:
         raise ConfigError(f"input_size {input_size!r} must be two positive ints (H, W)")
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         graph, outputs = _trace(model)
         if layer not in outputs:
             known = layer in dict(model.named_modules())  # e.g. an auxiliary head skipped in eval
@@ -326,12 +326,12 @@ def _window_args(op, args, kwargs) -> list[tuple[int, int, int, int]] | None:
         if "weight" in bound:  # functional conv: kernel from the weight, stride 1 by default
             bound |= {"kernel_size": tuple(bound["weight"].shape[-2:])}
             bound.setdefault("stride", 1)
-    k, d = _pair(bound["kernel_size"]), _pair(bound.get("dilation", 1))
-    s = _pair(bound.get("stride") or k)  # pooling: stride None or () means the kernel
+    k, d = pair(bound["kernel_size"]), pair(bound.get("dilation", 1))
+    s = pair(bound.get("stride") or k)  # pooling: stride None or () means the kernel
     p = bound.get("padding", 0)
     if isinstance(p, str):  # conv "valid" / "same"; "same" pads d*(k-1)//2 before
         p = tuple(0 if p == "valid" else di * (ki - 1) // 2 for ki, di in zip(k, d, strict=True))
-    return list(zip(k, s, _pair(p), d, strict=True))
+    return list(zip(k, s, pair(p), d, strict=True))
 
 
 def _moved(dims: tuple[int, int], name: str, args, kwargs) -> tuple[int, int]:
@@ -370,21 +370,3 @@ def _name(op) -> str:
     if isinstance(op, nn.Module):
         return type(op).__name__
     return op if isinstance(op, str) else getattr(op, "__name__", str(op))
-
-
-def _pair(v) -> tuple[int, int]:
-    if isinstance(v, tuple | list | torch.Size):
-        return (int(v[0]), int(v[-1]))
-    return (int(v), int(v))
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Trace and run in eval mode, then restore every module's own training flag."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode

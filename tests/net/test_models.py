@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.errors import ConfigError, InputNotFoundError
-from pipeline.net.models import fingerprint, load_expected, load_model, resolve_layers
+from pipeline.net.models import fingerprint, load_expected, load_model
 
 
 def tiny_state(seed: int) -> dict:
@@ -77,17 +77,6 @@ def test_spec_errors_list_valid_options():
         load_model("tiny_models:tinny")
     with pytest.raises(ConfigError, match="valid names: DEFAULT, IMAGENET1K_V1"):
         load_model("torchvision:alexnet", "IMAGENET9K")
-
-
-def test_resolve_layers_suggests_close_names():
-    model = load_model("tiny_models:tiny").module
-    assert list(resolve_layers(model, ("conv1", "fc"))) == ["conv1", "fc"]
-    with pytest.raises(
-        ConfigError, match="unknown layer 'conv'; closest valid names: 'conv2', 'conv1'"
-    ):
-        resolve_layers(model, ("conv",))
-    with pytest.raises(ConfigError, match="unknown layer ''"):
-        resolve_layers(model, ("",))
 
 
 def test_fingerprint_covers_buffers():
