@@ -22,7 +22,6 @@ raises `Unsorted` and is indexed again with positions from a first pass over its
 from __future__ import annotations
 
 import tarfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -32,6 +31,7 @@ import pyarrow.parquet as pq
 
 from pipeline.dataset.refs import ImageRef, kind_of
 from pipeline.errors import DataError
+from pipeline.store.retry import with_retries
 
 IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "img", "image_bytes", "bytes")
 KEY_COLUMN = "key"
@@ -235,22 +235,17 @@ def read_bytes(
     A tar member with its `offset` and `size` (images.parquet has both) is one ranged read of
     the container; without them fsspec's tar filesystem scans the archive's headers first.
     """
-    for attempt in range(READ_ATTEMPTS):
-        try:
-            if uri.startswith("parquet://"):
-                return _parquet_row(uri, storage_options)
-            if uri.startswith("tar://") and offset is not None and size is not None:
-                fs, path = fsspec.core.url_to_fs(container_of(uri), **storage_options)
-                return fs.cat_file(path, start=offset, end=offset + size)
-            fs, path = fsspec.core.url_to_fs(uri, **storage_options)
-            return fs.cat_file(path)  # one GET on object stores (open would HEAD first)
-        except (FileNotFoundError, PermissionError, IsADirectoryError):
-            raise
-        except OSError:
-            if attempt == READ_ATTEMPTS - 1:
-                raise
-            time.sleep(0.2 * 2**attempt)
-    raise AssertionError("unreachable")
+
+    def read() -> bytes:
+        if uri.startswith("parquet://"):
+            return _parquet_row(uri, storage_options)
+        if uri.startswith("tar://") and offset is not None and size is not None:
+            fs, path = fsspec.core.url_to_fs(container_of(uri), **storage_options)
+            return fs.cat_file(path, start=offset, end=offset + size)
+        fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+        return fs.cat_file(path)  # one GET on object stores (open would HEAD first)
+
+    return with_retries(read, READ_ATTEMPTS)
 
 
 def container_of(uri: str) -> str:

@@ -243,7 +243,7 @@ def export(
     target.write_parquet(EXPORT_TABLE, table)
     summary["timings"] = {"total_seconds": round(time.time() - started, 3)}
     target.write_json(EXPORT_SUMMARY, summary)
-    _say(progress, _line(summary))
+    progress.say(_line(summary))
     return summary
 
 
@@ -294,11 +294,11 @@ def run_pool(job: Job, workers: int, progress: Progress) -> tuple[pa.Table, dict
             outcomes.update((r["row"], r) for r in result)
             if done == len(tasks) or time.time() - last >= progress.interval:
                 last = time.time()
-                _say(progress, f"export: {done}/{len(tasks)} tasks, {len(outcomes)} rows")
+                progress.say(f"export: {done}/{len(tasks)} tasks, {len(outcomes)} rows")
         table = finish_rows(job.rows, outcomes, tolerance(job.manifest))  # unreadable: null paths
         for result in pool.map("render_grids", grid_tasks(table.to_pylist()), items, name):
             grids.update((g["grid_path"], (g["width"], g["height"])) for g in result)
-        _say(progress, f"export: {len(grids)} unit grids")
+        progress.say(f"export: {len(grids)} unit grids")
     return table, grids
 
 
@@ -385,8 +385,3 @@ def _line(summary: dict) -> str:
         f"({counts['activation_mismatches']} activation mismatches, {counts['errors']} errors) "
         f"to {summary['export']}"
     )
-
-
-def _say(progress: Progress, line: str) -> None:
-    if not progress.quiet:
-        print(line, file=progress.stream, flush=True)

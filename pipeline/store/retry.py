@@ -25,14 +25,15 @@ def with_retries(
     call: Callable[[], T],
     attempts: int,
     permanent: tuple[type[OSError], ...] = PERMANENT,
-    backoff: float = BACKOFF_SECONDS,
+    backoff: float | None = None,
 ) -> T:
     """`call()`, retried on transient OSErrors; at most `attempts` calls."""
+    pause = BACKOFF_SECONDS if backoff is None else backoff
     for attempt in range(attempts - 1):
         try:
             return call()
         except permanent:
             raise
         except OSError:
-            time.sleep(backoff * 2**attempt)
+            time.sleep(pause * 2**attempt)
     return call()

@@ -14,7 +14,6 @@ import io
 import json
 import os
 import posixpath
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -24,16 +23,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.store.retry import with_retries
+
 UPLOAD_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}  # publish on completion
 ROW_GROUP_SIZE = 64 * 1024  # rows per Parquet row group: small enough for selective reads
 WRITE_ATTEMPTS = 4  # a failed write is retried this many times in all
-BACKOFF_SECONDS = 0.2  # then doubled after each failure
-PERMANENT = (
-    PermissionError,
-    IsADirectoryError,
-    NotADirectoryError,
-    FileNotFoundError,
-)  # rows per Parquet row group: small enough for selective pandas reads
 
 
 class Store:
@@ -74,17 +68,12 @@ class Store:
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write `data` at `rel` atomically, retrying transient failures with backoff."""
-        for attempt in range(WRITE_ATTEMPTS):
-            try:
-                with self.open_atomic(rel) as f:
-                    f.write(data)
-                return
-            except PERMANENT:
-                raise
-            except OSError:  # throttling, a dropped connection, a torn upload
-                if attempt == WRITE_ATTEMPTS - 1:
-                    raise
-                time.sleep(BACKOFF_SECONDS * 2**attempt)
+
+        def write() -> None:
+            with self.open_atomic(rel) as f:
+                f.write(data)
+
+        with_retries(write, WRITE_ATTEMPTS)  # throttling, a dropped connection, a torn upload
 
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())

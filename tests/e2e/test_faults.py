@@ -119,7 +119,7 @@ class FlakyFileSystem(MemoryFileSystem):
 
 def test_failed_writes_are_retried_and_never_torn(monkeypatch):
     fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
-    monkeypatch.setattr("pipeline.store.storage.BACKOFF_SECONDS", 0.01)
+    monkeypatch.setattr("pipeline.store.retry.BACKOFF_SECONDS", 0.01)
     store = Store("flaky://bucket")
     table = pa.table({"v": list(range(1000))})
     FlakyFileSystem.failures = 2
