@@ -11,6 +11,8 @@ import dataclasses
 import json
 import os
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,16 +99,12 @@ class IndexConfig:
         """Rows kept per unit in each shard's partial: k plus the buffer."""
         return self.k + (self.k if self.buffer is None else self.buffer)
 
-    def json(self) -> dict[str, Any]:
-        """`to_json` as it reads back from a JSON file (tuples become lists)."""
-        return json.loads(json.dumps(self.to_json()))
-
     def to_json(self) -> dict[str, Any]:
-        """The config as plain JSON, without storage options (they may hold credentials)."""
+        """The config as it reads back from a JSON file (tuples become lists), without storage
+        options (they may hold credentials)."""
         out = dataclasses.asdict(self)
         out.pop("storage_options")
-        out["layers"] = list(self.layers)
-        return out
+        return json.loads(json.dumps(out))
 
 
 def absolute(location: str | None, names_allowed: bool = False) -> str | None:
@@ -173,14 +171,25 @@ def build_index_config(spec: dict[str, Any], flags: dict[str, Any]) -> IndexConf
     return IndexConfig(preprocess=pre, **merged)
 
 
-INTS = {"k", "buffer", "workers", "batch_size", "shard_size", "decode_threads", "resize", "crop",
-        "max_pixels"}  # fmt: skip
-FLOATS = {"max_bad_fraction"}
+def _number_settings(*configs: type) -> dict[str, type]:
+    """Setting name -> int or float, for every field typed `int`, `float` or `X | None`."""
+    kinds: dict[str, type] = {}
+    for config in configs:
+        for name, hint in typing.get_type_hints(config).items():
+            if typing.get_origin(hint) in (typing.Union, types.UnionType):
+                options = set(typing.get_args(hint)) - {type(None)}
+                hint = options.pop() if len(options) == 1 else None
+            if hint in (int, float):
+                kinds[name] = hint
+    return kinds
+
+
+NUMBERS = _number_settings(IndexConfig, Preprocess)  # what a spec's strings are converted to
 
 
 def _typed(key: str, value: Any) -> Any:
     """A spec value converted to its setting's type, or a one-line error naming the setting."""
-    kind = int if key in INTS else float if key in FLOATS else None
+    kind = NUMBERS.get(key)
     if kind is None or value is None or (type(value) is kind and not isinstance(value, bool)):
         return value
     try:

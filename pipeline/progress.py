@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any, TextIO
 
 
@@ -26,7 +27,7 @@ class Progress:
         if resumed:
             self._write(f"resuming: {resumed} of {total} shards already done")
 
-    def shard_done(self, record: dict[str, Any]) -> None:
+    def shard_done(self, record: Mapping[str, Any]) -> None:
         self.done += 1
         self.images += record["images"]
         self.bad += record["bad"]

@@ -82,3 +82,14 @@ def test_storage_options_never_reach_the_manifest_json():
     cfg = build_index_config({}, {**BASE, "storage_options": '{"secret": "hunter2"}'})
     assert cfg.storage_options == {"secret": "hunter2"}
     assert "hunter2" not in str(cfg.to_json()) and "storage_options" not in cfg.to_json()
+
+
+def test_every_number_setting_converts_from_a_spec_string():
+    """The settings a spec may give as strings come from the dataclasses' own field types."""
+    from pipeline.config import NUMBERS, _typed
+
+    assert {"k", "buffer", "shard_size", "resize", "crop", "max_pixels"} <= set(NUMBERS)
+    assert NUMBERS["max_bad_fraction"] is float and NUMBERS["k"] is int
+    assert "mean" not in NUMBERS and "model" not in NUMBERS  # tuples and strings stay as given
+    for name, kind in NUMBERS.items():
+        assert _typed(name, "3") == kind(3) and type(_typed(name, "3")) is kind

@@ -39,14 +39,23 @@ def actor_options(workers: int, threads: int, tasks: int) -> tuple[int, dict[str
     return count, {"num_cpus": share}
 
 
-class Pool:
-    """`count` actors of `cls(*args, threads)`; `map` runs one method over many tasks."""
+# What the pool makes actors of: a class built as `cls(*args, threads=n)`, n being the CPUs the
+# actor holds (torch's thread count), whose methods take and return plain picklable values.
+Worker = Callable[..., object]
 
-    def __init__(self, cls: type, args: tuple, workers: int, threads: int, tasks: int):
+
+class Pool:
+    """`count` actors of `cls(*args, threads=n)`; `map` runs one method over many tasks."""
+
+    def __init__(self, cls: Worker, args: tuple, workers: int, threads: int, tasks: int):
         count, options = actor_options(workers, threads, tasks)
         self.factory = ray.remote(cls).options(max_restarts=0, **options)
-        self.args = (*args, options["num_cpus"])
-        self.actors = [self.factory.remote(*self.args) for _ in range(count)]
+        self.args = args
+        self.threads: int = options["num_cpus"]
+        self.actors = [self._start() for _ in range(count)]
+
+    def _start(self) -> Any:
+        return self.factory.remote(*self.args, threads=self.threads)
 
     def map(
         self, method: str, tasks: list, call: Callable[[Any], tuple] = lambda t: (t,), name=str
@@ -80,7 +89,7 @@ class Pool:
 
     def _replace(self, dead) -> Any:
         ray.kill(dead, no_restart=True)
-        fresh = self.factory.remote(*self.args)
+        fresh = self._start()
         self.actors[self.actors.index(dead)] = fresh
         return fresh
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Self
 
 import fsspec
 import pyarrow as pa
@@ -99,21 +100,27 @@ def _utf8(name: str) -> bool:
     return True
 
 
+# tarfile's header errors exist at runtime but are private, so typeshed leaves them out.
+_HeaderError = type[tarfile.HeaderError]
+_EmptyHeaderError: _HeaderError = tarfile.EmptyHeaderError  # type: ignore[attr-defined]
+_TruncatedHeaderError: _HeaderError = tarfile.TruncatedHeaderError  # type: ignore[attr-defined]
+_InvalidHeaderError: _HeaderError = tarfile.InvalidHeaderError  # type: ignore[attr-defined]
+_SubsequentHeaderError: _HeaderError = tarfile.SubsequentHeaderError  # type: ignore[attr-defined]
+
+
 class _StrictTarInfo(tarfile.TarInfo):
     """tarfile ends an archive quietly at an empty, short or invalid header after the first
     member, as if the file were complete; here those are damage (only zero blocks end it)."""
 
     @classmethod
-    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> Self:
         try:
             return super().fromtarfile(tarfile_)
-        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError) as e:
+        except (_EmptyHeaderError, _TruncatedHeaderError) as e:
             why = f"the tar ends early, without its end-of-archive blocks ({e})"
-            raise tarfile.SubsequentHeaderError(why) from None
-        except tarfile.InvalidHeaderError as e:
-            raise tarfile.SubsequentHeaderError(
-                f"damaged header at byte {tarfile_.offset}: {e}"
-            ) from None
+            raise _SubsequentHeaderError(why) from None
+        except _InvalidHeaderError as e:
+            raise _SubsequentHeaderError(f"damaged header at byte {tarfile_.offset}: {e}") from None
 
 
 def _tar_members(
@@ -132,7 +139,9 @@ def _tar_members(
                         continue
                     if order is None and name < previous:
                         raise Unsorted(f"{container.uri}: {name!r} is stored after {previous!r}")
-                    data = tar.extractfile(info).read()
+                    stream = tar.extractfile(info)
+                    assert stream is not None  # a regular file (`_image_name` checked) has bytes
+                    data = stream.read()
                     position = len(seen) if order is None else order[name]
                     seen.add(name)
                     previous = name

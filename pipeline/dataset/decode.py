@@ -43,7 +43,7 @@ def decode(data: bytes, max_pixels: int, resize: int = 0) -> Decoded:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data))  # exif_transpose: a plain Image
             pixels = image.width * image.height
             if pixels > max_pixels:
                 raise BadImage(

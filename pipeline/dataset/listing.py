@@ -95,7 +95,9 @@ def _list_pattern(fs: fsspec.AbstractFileSystem, pattern: str, options: dict) ->
     Names produced by braces alone are not listed (10^5 tar shards need no LIST request), only
     stat'ed like manifest entries; names with glob characters left are listed with `fs.glob`.
     """
-    fixed = pattern[: PATTERN.search(pattern).start()]
+    first = PATTERN.search(pattern)
+    assert first is not None  # only called for paths that PATTERN matches
+    fixed = pattern[: first.start()]
     base = fixed.rsplit("/", 1)[0] if "/" in fixed else "."
     refs: dict[str, ImageRef] = {}
     for name in expand_braces(pattern):
@@ -103,8 +105,8 @@ def _list_pattern(fs: fsspec.AbstractFileSystem, pattern: str, options: dict) ->
             for path, info in fs.glob(name, detail=True).items():
                 if info.get("type") == "file" and kind_of(path):
                     refs[path] = _entry(fs, path, posixpath.relpath(path, base), info)
-        elif kind_of(name):
-            refs[name] = ImageRef(posixpath.relpath(name, base), _uri(fs, name), kind=kind_of(name))
+        elif kind := kind_of(name):
+            refs[name] = ImageRef(posixpath.relpath(name, base), _uri(fs, name), kind=kind)
     listed = [ref for ref in refs.values() if ref.size is not None]
     return listed + _stat([ref for ref in refs.values() if ref.size is None], options)
 
@@ -179,7 +181,11 @@ def _read_manifest(fs: fsspec.AbstractFileSystem, path: str, data: str) -> list[
         with fs.open(path, "rt") as f:
             uris = [line.strip() for line in f if line.strip() and not line.startswith("#")]
     seen: set[str] = set()
-    twice = [u for u in uris if u in seen or seen.add(u)]
+    twice: list[str] = []  # each repeat, in manifest order
+    for u in uris:
+        if u in seen:
+            twice.append(u)
+        seen.add(u)
     if twice:
         raise DataError(
             f"manifest {data!r} lists {len(twice)} URIs more than once (e.g. {twice[0]!r}); "

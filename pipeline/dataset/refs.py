@@ -31,7 +31,7 @@ class ImageRef:
     offset: int | None = None  # where a tar member's bytes start inside its container
 
     @property
-    def container(self) -> bool:
+    def is_container(self) -> bool:
         return self.kind != "image"
 
 
@@ -57,12 +57,12 @@ def kind_of(path: str) -> str | None:
 def plan_shards(refs: list[ImageRef], shard_size: int) -> list[Shard]:
     """Cut sorted loose images into consecutive shards of `shard_size`, and give each container
     a shard of its own; every key is derived from the content it covers."""
-    loose = [ref for ref in refs if not ref.container]
+    loose = [ref for ref in refs if not ref.is_container]
     shards = []
     for ordinal, start in enumerate(range(0, len(loose), shard_size)):
         chunk = tuple(loose[start : start + shard_size])
         shards.append(Shard(f"{ordinal:06d}-{data_fingerprint(chunk)[:16]}", chunk))
-    return shards + [container_shard(ref) for ref in refs if ref.container]
+    return shards + [container_shard(ref) for ref in refs if ref.is_container]
 
 
 def container_shard(ref: ImageRef) -> Shard:

@@ -35,12 +35,11 @@ from torch import nn
 
 from pipeline.cluster.connect import ray_session
 from pipeline.cluster.pool import Pool
-from pipeline.config import Preprocess
-from pipeline.dataset.preprocess import geometry
 from pipeline.errors import ConfigError, DataError
 from pipeline.export import atlas, render
+from pipeline.export.plan import choose, grid_tasks, pack, plan_rows, preprocess_of, read_manifest
+from pipeline.export.records import Outcome, PlanRow
 from pipeline.net.models import load_model
-from pipeline.net.receptive_field import receptive_field
 from pipeline.progress import Progress
 from pipeline.store import versions
 from pipeline.store.layout import (
@@ -49,146 +48,19 @@ from pipeline.store.layout import (
     EXPORT_SUMMARY,
     EXPORT_TABLE,
     FILTERS,
-    IMAGES,
-    MANIFEST,
-    grid_path,
-    index_file,
-    output_paths,
     safe_name,
 )
 from pipeline.store.schemas import VERSIONS, conform, schema
 from pipeline.store.storage import Store
 
-TASK_ROWS = 64  # rows per task (images are never split between tasks)
-UNITS_PER_GRID_TASK = 16
 REL_TOL, ABS_TOL = 1e-3, 1e-5  # recomputed (float32) vs stored activation
 BF16_REL_TOL = 5e-2  # when the index ran under bfloat16 autocast (8 bits of mantissa)
-
-
-@dataclass(frozen=True)
-class Task:
-    key: str  # for retry messages, as a shard's key
-    items: tuple  # render.ImageJob for the export pass; unit dicts for the grid pass
 
 
 # ---------------------------------------------------------------- file names
 
 
 # ---------------------------------------------------------------- validation and plan
-
-
-def read_manifest(store: Store) -> dict[str, Any]:
-    if not store.exists(MANIFEST):
-        raise DataError(
-            f"{store.url!r} holds no {MANIFEST}, so it is not a finished ninebest index; "
-            f"pass the --out of a completed `ninebest index` run (or rerun it to finish)"
-        )
-    return store.read_json(MANIFEST)
-
-
-def choose(
-    manifest: dict, layers: tuple[str, ...] | None, units: tuple[int, ...] | None
-) -> dict[str, list[int]]:
-    """Layer -> sorted units to export; unknown layers and out-of-range units raise ConfigError."""
-    indexed = list(manifest["config"]["layers"])
-    chosen = indexed if layers is None else list(dict.fromkeys(layers))
-    if not chosen:
-        raise ConfigError(f"no layers given; indexed layers: {', '.join(indexed)}")
-    for layer in chosen:
-        if layer not in indexed:
-            raise ConfigError(f"layer {layer!r} is not in the index; indexed: {', '.join(indexed)}")
-    if units is not None and not all(isinstance(u, int) and not isinstance(u, bool) for u in units):
-        raise ConfigError(f"units must be whole numbers (channel indices), got {list(units)!r}")
-    out = {}
-    for layer in chosen:
-        count = manifest["layers"][layer][0]
-        picked = range(count) if units is None else sorted(set(units))
-        bad = [u for u in picked if not 0 <= u < count]
-        if bad:
-            raise ConfigError(
-                f"unit {bad[0]} is out of range for layer {layer!r}, which has {count} units; "
-                f"valid units: 0..{count - 1}"
-            )
-        out[layer] = list(picked)
-    return out
-
-
-def preprocess_of(manifest: dict) -> Preprocess:
-    pre = dict(manifest["preprocess"])
-    return Preprocess(**{**pre, "mean": tuple(pre["mean"]), "std": tuple(pre["std"])})
-
-
-def plan_rows(store: Store, chosen: dict[str, list[int]], model: nn.Module, pre: Preprocess):
-    """Every index row of the chosen units with its boxes and output paths, in schema order."""
-    tables, sizes = read_rows(store, chosen)
-    rows: list[dict] = []
-    for layer, table in tables.items():
-        field = receptive_field(model, layer, (pre.crop, pre.crop))
-        for row in table.to_pylist():
-            image = sizes[row["image_id"]]
-            box = field.box(row["y"], row["x"])  # (top, left, bottom, right) in the crop
-            original = geometry(image["height"], image["width"], pre).to_original(*box)
-            patch, proj = output_paths(layer, row["unit"], row["rank"], row["image_id"])
-            empty = _empty(box) or _empty(original)  # a unit that sees only padding
-            rows.append(
-                {
-                    **row, "row": len(rows), "uri": image["uri"], "input_box": box,
-                    "offset": image.get("offset"), "size": image.get("bytes"),
-                    "box": original, "patch_path": None if empty else patch,
-                    "projection_path": None if empty else proj,
-                    "grid_path": grid_path(layer, row["unit"]),
-                }
-            )  # fmt: skip
-    return rows
-
-
-def read_rows(store: Store, chosen: dict[str, list[int]]) -> tuple[dict[str, pa.Table], dict]:
-    """The index rows of the chosen units per layer, and each of their images' uri and size."""
-    tables = {}
-    for layer, units in chosen.items():
-        table = store.read_parquet(index_file(layer))
-        table = table.filter(pc.is_in(table["unit"], pa.array(units, pa.int32())))
-        tables[layer] = table.sort_by([("unit", "ascending"), ("rank", "ascending")])
-    if not any(table.num_rows for table in tables.values()):
-        raise DataError(f"the index at {store.url!r} holds no rows for the chosen units")
-    needed = pc.unique(pa.chunked_array([t["image_id"] for t in tables.values()]))
-    images = store.read_parquet(IMAGES)
-    where = [name for name in ("offset", "bytes") if name in images.column_names]  # images v2
-    images = images.select(["image_id", "uri", "height", "width", *where])
-    images = images.filter(pc.is_in(images["image_id"], needed))
-    return tables, {image["image_id"]: image for image in images.to_pylist()}
-
-
-def _empty(box: tuple[int, int, int, int]) -> bool:
-    return box[0] >= box[2] or box[1] >= box[3]
-
-
-def pack(rows: list[dict]) -> list[Task]:
-    """Group rows by image (sorted by image id) and pack whole images into tasks of ~TASK_ROWS."""
-    by_image: dict[str, list[dict]] = {}
-    for row in rows:
-        by_image.setdefault(row["image_id"], []).append(row)
-    tasks, current, count = [], [], 0
-    for image_id in sorted(by_image):
-        group = by_image[image_id]
-        first = group[0]
-        current.append(
-            render.ImageJob(
-                image_id,
-                first["uri"],
-                first["image_hash"],
-                tuple(group),
-                first["offset"],
-                first["size"],
-            )  # fmt: skip
-        )
-        count += len(group)
-        if count >= TASK_ROWS:
-            tasks.append(Task(f"images-{len(tasks):06d}", tuple(current)))
-            current, count = [], 0
-    if current:
-        tasks.append(Task(f"images-{len(tasks):06d}", tuple(current)))
-    return tasks
 
 
 # ---------------------------------------------------------------- the pool
@@ -205,7 +77,7 @@ class Job:
     chosen: dict[str, list[int]]  # layer -> units
     model: nn.Module
     settings: render.Settings  # threads filled in once the pool is sized
-    rows: list[dict]  # see plan_rows
+    rows: list[PlanRow]  # see plan.plan_rows
 
 
 def export(
@@ -285,7 +157,7 @@ def run_pool(job: Job, workers: int, progress: Progress) -> tuple[pa.Table, dict
     """Both passes on one actor pool: images to PNGs, then unit grids; the table, grid sizes."""
     tasks = pack(job.rows)
     threads = job.manifest["config"]["decode_threads"]
-    outcomes: dict[int, dict] = {}
+    outcomes: dict[int, Outcome] = {}
     grids: dict[str, tuple[int, int]] = {}
     last = time.time()
     items, name = (lambda t: (t.items,)), (lambda t: f"export task of {len(t.items)} rows")
@@ -302,27 +174,15 @@ def run_pool(job: Job, workers: int, progress: Progress) -> tuple[pa.Table, dict
     return table, grids
 
 
-def grid_tasks(rows: list[dict]) -> list[Task]:
-    """One item per unit: its grid path and its patch / projection paths in rank order."""
-    units: dict[str, dict] = {}
-    for row in rows:
-        unit = units.setdefault(
-            row["grid_path"], {"grid_path": row["grid_path"], "patches": [], "projections": []}
-        )
-        unit["patches"].append(row["patch_path"])
-        unit["projections"].append(row["projection_path"])
-    items = list(units.values())
-    step = UNITS_PER_GRID_TASK
-    return [Task(f"grids-{i:06d}", tuple(items[i : i + step])) for i in range(0, len(items), step)]
-
-
-def finish_rows(rows: list[dict], outcomes: dict[int, dict], rel_tol: float = REL_TOL) -> pa.Table:
+def finish_rows(
+    rows: list[PlanRow], outcomes: dict[int, Outcome], rel_tol: float = REL_TOL
+) -> pa.Table:
     """The export table: plan rows plus recomputed activations, checks and errors."""
     columns: dict[str, list] = {name: [] for name in schema("export").names}
     for row in rows:
         outcome = outcomes[row["row"]]
         value, error = outcome["recomputed"], outcome["error"]
-        record = {
+        record: dict[str, Any] = {
             **row,
             "recomputed_activation": value,
             "activation_ok": None if value is None else close(value, row["activation"], rel_tol),

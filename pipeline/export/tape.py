@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,11 +44,14 @@ __all__ = ["INPUT", "Step", "Tape", "watching_functions"]
 INPUT = 0  # node of the model input
 _ADDS = {torch.add, Tensor.add, Tensor.add_, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__}
 _MULS = {torch.mul, Tensor.mul, Tensor.mul_, Tensor.__mul__, Tensor.__rmul__, Tensor.__imul__}
-_SAME = {torch.clone, Tensor.clone, Tensor.contiguous}
+_SAME: set[Callable[..., Tensor]] = {torch.clone, Tensor.clone, Tensor.contiguous}
 _DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
 _POOLS = {F.max_pool2d, F.max_pool2d_with_indices}
 # Functions that return no tensor and change nothing: shape and dtype queries.
 _QUERIES = {"__get__", "dim", "size", "numel", "__len__", "is_floating_point", "is_contiguous"}
+_TAG = "_ninebest_cone"  # attribute that holds (tape, node) on a traced tensor
+# (rule, traced inputs, params) of an op the backward can follow; see `Step`.
+Rule = tuple[str, tuple, dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -82,12 +86,12 @@ class Tape(TorchFunctionMode):
 
     def node(self, value: object) -> int | None:
         """The node of a tensor tagged by this tape, else None (a constant)."""
-        tag = getattr(value, "_ninebest_cone", None) if isinstance(value, Tensor) else None
+        tag = getattr(value, _TAG, None) if isinstance(value, Tensor) else None
         return tag[1] if tag is not None and tag[0] is self else None
 
     def _tag(self, tensor: Tensor, node: int) -> None:
-        tensor._ninebest_cone = (self, node)
-        self.sizes[node] = tuple(tensor.shape[-2:]) if tensor.dim() == 4 else (1, 1)
+        setattr(tensor, _TAG, (self, node))
+        self.sizes[node] = (tensor.shape[-2], tensor.shape[-1]) if tensor.dim() == 4 else (1, 1)
 
     def _add(self, rule: str, inputs: tuple, out: Tensor, **params) -> None:
         step = Step(rule, tuple(self.node(t) for t in inputs), len(self.sizes), params)
@@ -109,6 +113,7 @@ class Tape(TorchFunctionMode):
             for tensor in outputs:
                 self._add("opaque", inputs, tensor, name=_name(func))
         else:
+            assert isinstance(out, Tensor)  # `_rule` follows tensor outputs only
             self._add(rule[0], rule[1], out, **rule[2])
 
     def _opaque(self, tensor: Tensor) -> bool:
@@ -127,7 +132,7 @@ class Tape(TorchFunctionMode):
             "ceil_mode",
             "return_indices",
         )
-        p = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False}
+        p: dict[str, Any] = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False}
         p |= dict(zip(names, args, strict=False)) | kwargs
         kernel = pair(p["kernel_size"])
         stride = kernel if p["stride"] in (None, []) else pair(p["stride"])
@@ -163,7 +168,7 @@ def watching_functions(tape: Tape) -> Iterator[None]:
         Function.apply = original
 
 
-def _rule(tape: Tape, func: Callable, args: tuple, kwargs: dict, out: object):
+def _rule(tape: Tape, func: Callable, args: tuple, kwargs: dict, out: object) -> Rule | None:
     """(rule, inputs, params) for an op we can follow back exactly, else None."""
     if not isinstance(out, Tensor):
         return None
@@ -194,9 +199,9 @@ def _rule(tape: Tape, func: Callable, args: tuple, kwargs: dict, out: object):
     return None
 
 
-def _conv(tape: Tape, args: tuple, kwargs: dict):
+def _conv(tape: Tape, args: tuple, kwargs: dict) -> Rule | None:
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    p = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+    p: dict[str, Any] = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
     p |= dict(zip(names, args, strict=False)) | kwargs
     if isinstance(p["padding"], str) or p["input"].dim() != 4:
         return None
@@ -206,10 +211,15 @@ def _conv(tape: Tape, args: tuple, kwargs: dict):
     return "conv", (p["input"],), {"weight": p["weight"], "groups": p["groups"], **conv}
 
 
-def _avg_pool(args: tuple, kwargs: dict):
+def _avg_pool(args: tuple, kwargs: dict) -> Rule | None:
     """Average pooling with a fixed divisor is a depthwise convolution with a uniform kernel."""
     names = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
-    p = {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True}
+    p: dict[str, Any] = {
+        "stride": None,
+        "padding": 0,
+        "ceil_mode": False,
+        "count_include_pad": True,
+    }
     p |= dict(zip((*names, "divisor_override"), args, strict=False)) | kwargs
     (ky, kx), padding = pair(p["kernel_size"]), pair(p["padding"])
     fixed = p["count_include_pad"] or padding == (0, 0)  # else the border windows divide by less
@@ -222,9 +232,9 @@ def _avg_pool(args: tuple, kwargs: dict):
     return "conv", (p["input"],), {**conv, "dilation": (1, 1)}
 
 
-def _batch_norm(tape: Tape, args: tuple, kwargs: dict):
+def _batch_norm(tape: Tape, args: tuple, kwargs: dict) -> Rule | None:
     names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum")
-    p = {"weight": None, "bias": None, "training": False, "eps": 1e-5}
+    p: dict[str, Any] = {"weight": None, "bias": None, "training": False, "eps": 1e-5}
     p |= dict(zip((*names, "eps"), args, strict=False)) | kwargs
     constants = [p[key] for key in ("running_mean", "running_var", "weight", "bias")]
     if p["training"] or p["running_var"] is None or p["input"].dim() != 4:
@@ -236,7 +246,7 @@ def _batch_norm(tape: Tape, args: tuple, kwargs: dict):
     return "scale", (p["input"],), {"factor": factor.detach().view(1, -1, 1, 1)}
 
 
-def _cat(args: tuple, kwargs: dict):
+def _cat(args: tuple, kwargs: dict) -> Rule | None:
     tensors = args[0]
     dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
     if not all(isinstance(t, Tensor) and t.dim() == 4 for t in tensors) or dim not in (1, -3):
@@ -256,4 +266,4 @@ def _tensors(value: object) -> Iterator[Tensor]:
 
 
 def _name(func: Callable) -> str:
-    return getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+    return getattr(func, "__qualname__", "") or getattr(func, "__name__", repr(func))

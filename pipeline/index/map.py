@@ -17,13 +17,12 @@ import resource
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import pyarrow as pa
 import torch
 
 from pipeline.config import IndexConfig
-from pipeline.dataset import containers as sources
+from pipeline.dataset import containers
 from pipeline.dataset.containers import READ_FAILED, Member
 from pipeline.dataset.decode import BadImage, decode
 from pipeline.dataset.preprocess import normalize, to_uint8
@@ -57,7 +56,7 @@ class ShardIndexer:
     """Loads the model once; `index_shard` turns one shard into a committed partial."""
 
     def __init__(
-        self, cfg: IndexConfig, run_fingerprint: str, model_fingerprint: str, threads=None
+        self, cfg: IndexConfig, run_fingerprint: str, model_fingerprint: str, threads: int = 0
     ):
         if threads:
             torch.set_num_threads(threads)
@@ -72,13 +71,14 @@ class ShardIndexer:
         self.layers = find_layers(self.model, cfg.layers)
         self.store = Store(cfg.out, cfg.storage_options)
 
-    def index_shard(self, shard: Shard, units: dict[str, int]) -> dict[str, Any]:
+    def index_shard(self, shard: Shard, units: dict[str, int]) -> partials.CommitRecord:
         """Index one shard and commit its partial; return the commit record."""
         start = time.perf_counter()
         try:
             topks, loaded = self._index(shard, units, order=None)
-        except sources.Unsorted:  # a tar out of name order: learn the order, then index again
-            order = sources.tar_order(shard.container, self.cfg.storage_options)
+        except containers.Unsorted:  # a tar out of name order: learn the order, then index again
+            assert shard.container is not None  # only containers can be out of order
+            order = containers.tar_order(shard.container, self.cfg.storage_options)
             topks, loaded = self._index(shard, units, order)
         size = 1 + max((item.position for item in loaded), default=-1)
         ids: list[str | None] = [None] * size  # by position; None where no image sits
@@ -88,7 +88,7 @@ class ShardIndexer:
                 ids[item.position] = item.ref.image_id
                 hashes[item.position] = item.image_hash
         topk_table = pa.concat_tables([t.table(n, ids, hashes) for n, t in topks.items()])
-        report = {
+        report: partials.ShardReport = {
             "images": len(loaded),
             "indexed": sum(item.error is None for item in loaded),
             "bad": sum(item.error is not None for item in loaded),
@@ -115,7 +115,7 @@ class ShardIndexer:
         with torch.inference_mode(), autocast, Capture(self.model, self.layers) as capture:
             for batch in _batched(self._load_all(shard, order), self.cfg.batch_size, loaded):
                 positions = torch.tensor([item.position for item in batch])  # (B,)
-                pixels = torch.stack([item.pixels for item in batch])  # (B, 3, crop, crop) uint8
+                pixels = torch.stack([_pixels(item) for item in batch])  # (B, 3, crop, crop) uint8
                 x = self._to_device(pixels)  # (B, 3, crop, crop) float32
                 maxima = capture.run(x)
                 positions = positions.to(self.device, non_blocking=True)  # (B,)
@@ -134,9 +134,9 @@ class ShardIndexer:
         """Every image of `shard`, decoded on the thread pool, in storage order."""
         window = 2 * self.cfg.batch_size
         if shard.container is None:
-            items = (Member(i, ref, None) for i, ref in enumerate(shard.refs))
+            items: Iterator[Member] = (Member(i, ref, None) for i, ref in enumerate(shard.refs))
         else:  # one sequential read of the container, on its own thread
-            stream = sources.members(shard.container, self.cfg.storage_options, order)
+            stream = containers.members(shard.container, self.cfg.storage_options, order)
             items = background(stream, window)
         return prefetch(self._load_one, items, self.cfg.decode_threads, window)
 
@@ -148,7 +148,7 @@ class ShardIndexer:
             data = (
                 item.data
                 if item.data is not None
-                else sources.read_bytes(ref.uri, self.cfg.storage_options)
+                else containers.read_bytes(ref.uri, self.cfg.storage_options)
             )
         except OSError as e:  # vanished, or still failing after retries
             return Loaded(position, ref, None, error=f"{READ_FAILED}{type(e).__name__}: {e}")
@@ -159,6 +159,11 @@ class ShardIndexer:
         pixels = to_uint8(decoded.image, self.cfg.preprocess)
         height, width = decoded.image.height, decoded.image.width
         return Loaded(position, ref, pixels, decoded.image_hash, decoded.nbytes, height, width)
+
+
+def _pixels(item: Loaded) -> torch.Tensor:
+    assert item.pixels is not None  # _batched keeps only decoded images
+    return item.pixels  # (3, crop, crop) uint8
 
 
 def _batched(stream: Iterator[Loaded], size: int, seen: list[Loaded]) -> Iterator[list[Loaded]]:

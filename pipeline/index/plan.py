@@ -83,7 +83,7 @@ def check_out(store: Store, p: Plan) -> None:
         previous = store.read_json(RUN_FILE)
         if previous.get("run") == p.run_fingerprint:
             return
-        old, new = previous.get("config", {}), p.cfg.json()
+        old, new = previous.get("config", {}), p.cfg.to_json()
         differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         what = ", ".join(differ) if differ else "model weights or ninebest's partial format"
         raise DataError(

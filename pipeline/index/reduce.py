@@ -18,9 +18,7 @@ many shards there are. The images table streams shard by shard into one Parquet 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +27,7 @@ import pyarrow.compute as pc
 from pipeline.index.topk import merge, order_bits
 from pipeline.store import partials
 from pipeline.store.layout import ERRORS, IMAGES, index_file
+from pipeline.store.partials import AttemptRef
 from pipeline.store.prefetch import prefetch
 from pipeline.store.schemas import conform, empty, schema
 from pipeline.store.storage import Store
@@ -40,14 +39,7 @@ MAX_PENDING = 256  # survivor batches merged at the latest (each holds its parti
 NO_FLOOR = np.iinfo(np.int32).min  # a unit with fewer than k rows admits every candidate
 
 
-@dataclass(frozen=True)
-class Reduced:
-    index: pa.Table  # schema "index"
-    images: int
-    bad: int
-
-
-def merge_partials(store: Store, records: list[dict[str, Any]], k: int) -> pa.Table:
+def merge_partials(store: Store, records: Sequence[AttemptRef], k: int) -> pa.Table:
     """The exact global top-k over every committed shard, streaming partials in order."""
     reducer = GlobalTopK(k)
     for table in _read_ahead(functools.partial(read_topk, store), records, store):
@@ -55,13 +47,15 @@ def merge_partials(store: Store, records: list[dict[str, Any]], k: int) -> pa.Ta
     return conform(reducer.table(), "index")
 
 
-def _read_ahead(read: Callable, records: list, store: Store) -> Iterator[pa.Table]:
+def _read_ahead(
+    read: Callable[[AttemptRef], pa.Table], records: Sequence[AttemptRef], store: Store
+) -> Iterator[pa.Table]:
     """`read` over `records` in order: on threads for object stores, whose latency they hide;
     in this thread for local disks, where threads would only add CPU time."""
     return map(read, records) if store.local else prefetch(read, records, READERS, READ_AHEAD)
 
 
-def read_topk(store: Store, record: dict[str, Any]) -> pa.Table:
+def read_topk(store: Store, record: AttemptRef) -> pa.Table:
     """The committed attempt's top-k partial with its string columns left dictionary-encoded:
     decoding every row's strings would cost more than pruning them."""
     return partials.read_table(store, record, "topk", read_dictionary=STRINGS)
@@ -184,7 +178,7 @@ def _candidates(table: pa.Table) -> pa.Table:
     return table if table.schema.equals(target) else table.cast(target, safe=True)
 
 
-def write_images(root: Store, records: list[dict[str, Any]], target: Store) -> tuple[int, int]:
+def write_images(root: Store, records: Sequence[AttemptRef], target: Store) -> tuple[int, int]:
     """Stream every shard's images table (partials under `root`) into images.parquet and
     errors.parquet under `target`; return (images, bad images)."""
     total = bad = 0

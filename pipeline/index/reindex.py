@@ -36,7 +36,9 @@ from pipeline.index.topk import merge
 from pipeline.progress import Progress
 from pipeline.store import partials, versions
 from pipeline.store.layout import DRIFT, IMAGES, REPORT, index_file
+from pipeline.store.partials import AttemptRef, ShardReport
 from pipeline.store.storage import Store
+from pipeline.store.versions import Previous
 
 COMPARED = ("model", "layers", "k", "buffer", "preprocess", "data", "precision")  # need --full
 BEFORE = {"precision": "auto"}  # settings of versions written before the setting existed
@@ -68,15 +70,14 @@ def reindex(
         check_out(root, p)  # an empty OUT, or a refusal to write among foreign files
     with versions.Lock(root) as lock:
         prev = versions.previous(root)
-        prev_id = versions.latest(root) or ("index" if prev else None)
         mode = decide(p, prev, full)
-        if mode == "incremental":
+        if prev is not None and mode == "incremental":
             delta = compare(p, prev)
             shards, counts = incremental_shards(p, prev, delta, root)
         else:
             delta = Delta(
-                new=[ref for ref in p.refs if not ref.container],
-                containers={"new": sum(ref.container for ref in p.refs)},
+                new=[ref for ref in p.refs if not ref.is_container],
+                containers={"new": sum(ref.is_container for ref in p.refs)},
             )
             counts = {"shards_reused": 0, "shards_derived": 0}
             shards = p.shards
@@ -84,8 +85,7 @@ def reindex(
         run_id = versions.new_run_id()
         target = versions.version(root, run_id)
         manifest = execute(p, root, target, shards, progress, started, lock.heartbeat)
-        previous = (prev_id, prev)
-        report = write_report(target, run_id, previous, mode, delta, counts, manifest, started)
+        report = write_report(target, run_id, prev, mode, delta, counts, manifest, started)
         lock.heartbeat(force=True)  # still ours: only then publish and prune
         versions.set_latest(root, run_id)
         if keep:
@@ -94,31 +94,31 @@ def reindex(
     return report
 
 
-def decide(p: Plan, prev: tuple[Store, dict] | None, full: bool) -> str:
+def decide(p: Plan, prev: Previous | None, full: bool) -> str:
     """'full' or 'incremental'; refuses a changed config unless --full."""
     if prev is None or full:
         return "full"
-    old = prev[1]["config"]
-    new = p.cfg.json()
+    old = prev.manifest["config"]
+    new = p.cfg.to_json()
     differ = [key for key in COMPARED if old.get(key, BEFORE.get(key)) != new.get(key)]
     if differ:
         raise ConfigError(
             f"this reindex changes {', '.join(differ)} against the previous version of "
             f"{p.cfg.out!r}; pass --full to index from scratch with the new settings"
         )
-    if prev[1]["model"]["fingerprint"] != p.model_fingerprint:
+    if prev.manifest["model"]["fingerprint"] != p.model_fingerprint:
         return "full"  # retrained weights: every activation changes
-    if prev[1].get("run") != p.run_fingerprint:
+    if prev.manifest.get("run") != p.run_fingerprint:
         return "full"  # same settings, but partials of another format (an older ninebest)
     return "incremental"
 
 
-def compare(p: Plan, prev: tuple[Store, dict]) -> Delta:
+def compare(p: Plan, prev: Previous) -> Delta:
     """Classify today's images and containers against the previous version's."""
     columns = ["image_id", "uri", "stamp", "bytes", "error", "shard"]
-    images = prev[0].read_parquet(IMAGES).select(columns).to_pylist()
+    images = prev.store.read_parquet(IMAGES).select(columns).to_pylist()
     before = {row["image_id"]: row for row in images if not _in_container(row["shard"])}
-    loose = [ref for ref in p.refs if not ref.container]
+    loose = [ref for ref in p.refs if not ref.is_container]
     delta = Delta(removed=set(before) - {ref.image_id for ref in loose})
     for ref in loose:
         row = before.get(ref.image_id)
@@ -147,30 +147,32 @@ def _base(shard_key: str) -> str:
     return shard_key.split(RETRY)[0]
 
 
-def _compare_containers(p: Plan, prev: tuple[Store, dict], images: list[dict], delta: Delta):
+def _compare_containers(p: Plan, prev: Previous, images: list[dict], delta: Delta):
     """Containers are compared whole, by their shard key (id, size and stamp of the file)."""
     rows = [row for row in images if _in_container(row["shard"])]
     old_files = {container_of(row["uri"]) for row in rows}
-    old_keys = {_base(entry["key"]) for entry in prev[1]["shards"] if _in_container(entry["key"])}
+    old_keys = {
+        _base(entry["key"]) for entry in prev.manifest["shards"] if _in_container(entry["key"])
+    }
     delta.retry = {row["shard"] for row in rows if (row["error"] or "").startswith(READ_FAILED)}
-    today = [shard for shard in p.shards if shard.container is not None]
+    today = [(shard.key, shard.container) for shard in p.shards if shard.container is not None]
     counts = dict.fromkeys(("new", "changed", "removed", "unchanged"), 0)
-    for shard in today:
-        if shard.key in old_keys:
+    for key, container in today:
+        if key in old_keys:
             counts["unchanged"] += 1
         else:
-            counts["changed" if shard.container.uri in old_files else "new"] += 1
-    counts["removed"] = len(old_files - {shard.container.uri for shard in today})
+            counts["changed" if container.uri in old_files else "new"] += 1
+    counts["removed"] = len(old_files - {container.uri for _, container in today})
     delta.containers = counts
 
 
-def incremental_shards(p: Plan, prev: tuple[Store, dict], delta: Delta, root: Store):
+def incremental_shards(p: Plan, prev: Previous, delta: Delta, root: Store):
     """Shards of the new version: reused, derived (written here), recomputed, and new ones."""
     gone = delta.removed | {ref.image_id for ref in delta.changed}
     today = {ref.image_id: ref for ref in p.refs}
-    members = _members(prev[0])
+    members = _members(prev.store)
     shards, counts = [], {"shards_reused": 0, "shards_derived": 0}
-    attempts = {entry["key"]: entry["attempt"] for entry in prev[1]["shards"]}
+    attempts = {entry["key"]: entry["attempt"] for entry in prev.manifest["shards"]}
     previous = {_base(key): key for key in attempts if _in_container(key)}
     for shard in p.shards:  # containers: reused by key; one whose read failed is read again
         if shard.container is None:
@@ -182,10 +184,10 @@ def incremental_shards(p: Plan, prev: tuple[Store, dict], delta: Delta, root: St
             shard = Shard(key, shard.refs)
             counts["shards_reused"] += 1
         shards.append(shard)
-    for entry in prev[1]["shards"]:
+    for entry in prev.manifest["shards"]:
         if _in_container(entry["key"]):
             continue
-        record = {"shard": entry["key"], "attempt": entry["attempt"], "run": prev[1]["run"]}
+        record = AttemptRef(shard=entry["key"], attempt=entry["attempt"], run=prev.manifest["run"])
         ids = members.get(record["shard"], [])
         if not gone.intersection(ids):
             shards.append(Shard(record["shard"], tuple(today[i] for i in ids)))
@@ -214,7 +216,7 @@ def _members(prev: Store) -> dict[str, list[str]]:
     return members
 
 
-def derive(p: Plan, root: Store, record: dict, shard: Shard, gone: set[str]) -> bool:
+def derive(p: Plan, root: Store, record: AttemptRef, shard: Shard, gone: set[str]) -> bool:
     """Commit `shard`'s partial as the previous partial minus `gone`, if that is still exact."""
     if partials.read_commit(root, shard.key, p.run_fingerprint) is not None:
         return True  # committed by an earlier, interrupted run of this reindex
@@ -230,13 +232,13 @@ def derive(p: Plan, root: Store, record: dict, shard: Shard, gone: set[str]) -> 
     images = images.set_column(
         images.schema.get_field_index("shard"), "shard", pa.array([shard.key] * images.num_rows)
     )
-    report = {
-        "images": images.num_rows,
-        "indexed": good,
-        "bad": images.num_rows - good,
-        "rows": topk.num_rows,
-        "derived_from": record["shard"],
-    }
+    report = ShardReport(
+        images=images.num_rows,
+        indexed=good,
+        bad=images.num_rows - good,
+        rows=topk.num_rows,
+        derived_from=record["shard"],
+    )
     topk = merge([topk], p.cfg.depth)  # re-rank 1..n within the shard
     partials.write(root, shard.key, partials.new_attempt(), p.run_fingerprint, topk, images, report)
     return True
@@ -290,18 +292,23 @@ def _top_lists(store: Store, layer: str) -> dict[int, list[str]]:
     return lists
 
 
-def write_report(target, run_id, previous, mode, delta, counts, manifest, started) -> dict:
-    """report.parquet (one row) and drift.parquet in the version; return the report.
-
-    `previous` is (its run id, or "index" for a plain index run; (store, manifest)) or (None, None).
-    """
-    prev_id, prev = previous
-    drifted = drift(prev[0], target, tuple(manifest["layers"])) if prev else None
+def write_report(
+    target: Store,
+    run_id: str,
+    prev: Previous | None,
+    mode: str,
+    delta: Delta,
+    counts: dict[str, int],
+    manifest: dict[str, Any],
+    started: float,
+) -> dict[str, Any]:
+    """report.parquet (one row) and drift.parquet in the version; return the report."""
+    drifted = drift(prev.store, target, tuple(manifest["layers"])) if prev else None
     seconds = time.time() - started
     processed = manifest["counts"]["computed_shards"]
     report = {
         "run_id": run_id,
-        "previous": prev_id,
+        "previous": prev.run_id if prev else None,
         "mode": mode,
         "images": manifest["counts"]["images"],
         "images_new": len(delta.new),

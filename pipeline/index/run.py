@@ -13,7 +13,7 @@ import platform
 import resource
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -31,6 +31,7 @@ from pipeline.index.reduce import merge_partials, write_images, write_index
 from pipeline.progress import Progress
 from pipeline.store import partials
 from pipeline.store.layout import ERRORS, IMAGES, MANIFEST
+from pipeline.store.partials import CommitRecord
 from pipeline.store.schemas import VERSIONS
 from pipeline.store.storage import Store
 
@@ -62,7 +63,7 @@ def execute(
     """
     with ThreadPoolExecutor(max_workers=COMMIT_READERS) as readers:  # one request each
         found = readers.map(lambda s: partials.read_commit(root, s.key, p.run_fingerprint), shards)
-        records = {s.key: record for s, record in zip(shards, found, strict=True)}
+        records = dict(zip((s.key for s in shards), found, strict=True))
     todo = [s for s in shards if records[s.key] is None]
     progress.start(len(shards), len(shards) - len(todo))
     map_started = time.time()
@@ -73,7 +74,7 @@ def execute(
                 progress.shard_done(record)
                 on_shard()
     map_seconds = time.time() - map_started
-    ordered = [records[s.key] for s in shards]
+    ordered = [_committed(records[s.key]) for s in shards]
     check_precisions(ordered)
     reduce_started = time.time()
     target.remove(MANIFEST)  # rewriting the outputs: OUT is incomplete until the new manifest
@@ -93,7 +94,12 @@ def execute(
     return manifest
 
 
-def check_precisions(records: list[dict[str, Any]]) -> None:
+def _committed(record: CommitRecord | None) -> CommitRecord:
+    assert record is not None  # every shard was committed or the map stage raised
+    return record
+
+
+def check_precisions(records: list[CommitRecord]) -> None:
     """Refuse to merge shards computed in different precisions (`--precision auto` resumed on
     other hardware): their activations would be ranked against each other unfairly."""
     counts = Counter(record.get("precision", "float32") for record in records)
@@ -115,7 +121,9 @@ def check_bad_fraction(cfg: IndexConfig, store: Store, total: int, bad: int) -> 
         )
 
 
-def _manifest(p: Plan, records, files, rows: int, total: int, bad: int) -> dict:
+def _manifest(
+    p: Plan, records: list[CommitRecord], files: list[str], rows: int, total: int, bad: int
+) -> dict[str, Any]:
     return {
         "ninebest_version": __version__,
         "run": p.run_fingerprint,
@@ -152,7 +160,7 @@ def _manifest(p: Plan, records, files, rows: int, total: int, bad: int) -> dict:
     }
 
 
-def map_shards(p: Plan, todo: list[Shard]):
+def map_shards(p: Plan, todo: list[Shard]) -> Iterator[CommitRecord]:
     """Run `todo` on an actor pool; yield each shard's commit record as it finishes."""
     units = {name: shape[0] for name, shape in p.shapes.items()}
     args = (p.cfg, p.run_fingerprint, p.model_fingerprint)

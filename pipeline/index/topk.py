@@ -69,14 +69,6 @@ class RunningTopK:
         self.ys = torch.cat([self.ys, ys.T], dim=1).gather(1, keep)  # (U, k)
         self.xs = torch.cat([self.xs, xs.T], dim=1).gather(1, keep)  # (U, k)
 
-    def state_dict(self) -> dict[str, Tensor]:
-        return {"keys": self.keys, "ys": self.ys, "xs": self.xs}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        for name in ("keys", "ys", "xs"):
-            setattr(self, name, state[name].to(self.keys.device))
-        self.k = self.keys.shape[1]
-
     def table(self, layer: str, image_ids: list[str], image_hashes: list[str]) -> pa.Table:
         """The state as partial rows (layer, unit, rank, activation, image_id, image_hash, y, x)."""
         keys = self.keys.cpu()

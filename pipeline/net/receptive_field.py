@@ -35,6 +35,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +110,7 @@ def receptive_field(
         why = found.why if found is not None else "its output does not depend on the input"
         raise ConfigError(f"no receptive field for layer {layer!r} at input {size}: {why}")
     y, x = found.axes
+    assert y.affine is not None and x.affine is not None  # refused above
     return ReceptiveField(
         layer=layer,
         size=(y.affine[0], x.affine[0]),
@@ -137,8 +139,15 @@ class _Field:
     why: str = ""  # why axes or an affine form is missing
 
     @property
+    def known_axes(self) -> tuple[_Axis, _Axis]:
+        """`axes` of a field its caller has already found not unknown."""
+        assert self.axes is not None, self.why
+        return self.axes
+
+    @property
     def sizes(self) -> tuple[int, int]:
-        return len(self.axes[0].spans), len(self.axes[1].spans)
+        y, x = self.known_axes
+        return len(y.spans), len(x.spans)
 
 
 class _Tracer(fx.Tracer):
@@ -181,9 +190,13 @@ class _Walk(fx.Interpreter):
         out = _first_tensor(value)
         inputs = [self.fields[a] for a in n.all_input_nodes if a in self.fields]
         if n.op == "placeholder":
-            self.fields[n] = _Field((-2, -1), tuple(_identity(s) for s in self.input_size))
+            height, width = self.input_size
+            self.fields[n] = _Field((-2, -1), (_identity(height), _identity(width)))
         elif inputs and out is not None:
-            op = self.fetch_attr(n.target) if n.op == "call_module" else n.target
+            op = n.target
+            if n.op == "call_module":
+                assert isinstance(n.target, str)  # fx: a module call's target is its dotted name
+                op = self.fetch_attr(n.target)
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             self.fields[n] = self._derive(n, op, inputs, args, kwargs, out)
         return value
@@ -210,13 +223,14 @@ class _Walk(fx.Interpreter):
         if data.dims == (-2, -1):  # NCHW, as conv and pooling need
             window = _window_args(op, args, kwargs)
             if window is not None:
-                axes = tuple(
+                y, x = (
                     _window(a, o, *w)
-                    for a, o, w in zip(data.axes, out.shape[-2:], window, strict=True)
+                    for a, o, w in zip(data.known_axes, out.shape[-2:], window, strict=True)
                 )
-                return _Field(data.dims, axes, data.why)
+                return _Field(data.dims, (y, x), data.why)
             if isinstance(op, ADAPTIVE_MODULES) or op in ADAPTIVE_FUNCTIONS:
-                return _adaptive(data, tuple(out.shape[-2:]), n.name)
+                height, width = out.shape[-2:]
+                return _adaptive(data, (height, width), n.name)
         if name in ("permute", "transpose") and data.dims is not None:
             return _Field(_moved(data.dims, name, args, kwargs), data.axes, data.why)
         return self._elementwise(n, name, inputs, out)
@@ -227,8 +241,8 @@ class _Walk(fx.Interpreter):
         context = [f for f in inputs if f.dims is None or f.sizes == (1, 1)]  # broadcast gates
         kept = {id(f) for f in same + context}
         if same and len(kept) == len(inputs) and not SPATIAL_NAMES.search(name):
-            axes, why = zip(*(_union([f.axes[i] for f in same]) for i in (0, 1)), strict=True)
-            return _Field(same[0].dims, axes, why[0] or why[1] or _first_why(same))
+            (y, y_why), (x, x_why) = (_union([f.known_axes[i] for f in same]) for i in (0, 1))
+            return _Field(same[0].dims, (y, x), y_why or x_why or _first_why(same))
         if name in GLOBAL_NAMES:
             return self._global(inputs)
         maps = [f.sizes for f in inputs if f.dims]
@@ -239,12 +253,10 @@ class _Walk(fx.Interpreter):
         """A field without spatial dims: one unit seeing everything its inputs saw."""
         height, width = self.input_size
         if any(f.axes is None for f in inputs):
-            spans = ((0, height),), ((0, width),)
+            y, x = (0, height), (0, width)
         else:
-            spans = tuple((_hull(s for f in inputs for s in f.axes[i].spans),) for i in (0, 1))
-        return _Field(
-            None, (_Axis(spans[0], (height, height, 0)), _Axis(spans[1], (width, width, 0)))
-        )
+            y, x = (_hull(s for f in inputs for s in f.known_axes[i].spans) for i in (0, 1))
+        return _Field(None, (_Axis((y,), (height, height, 0)), _Axis((x,), (width, width, 0))))
 
 
 def _walk(model: nn.Module, graph: fx.Graph, size: tuple[int, int]) -> dict[fx.Node, _Field]:
@@ -274,7 +286,7 @@ def _window(axis: _Axis, n_out: int, k: int, s: int, p: int, d: int) -> _Axis:
 def _adaptive(data: _Field, out_sizes: tuple[int, int], node: str) -> _Field:
     """Adaptive pooling: bin i of n -> m is [floor(i*n/m), ceil((i+1)*n/m)); affine if uniform."""
     axes, whys = [], []
-    for axis, m in zip(data.axes, out_sizes, strict=True):
+    for axis, m in zip(data.known_axes, out_sizes, strict=True):
         n = len(axis.spans)
         bins = [range(i * n // m, -(-(i + 1) * n // m)) for i in range(m)]
         widths = {len(b) for b in bins}
@@ -286,14 +298,15 @@ def _adaptive(data: _Field, out_sizes: tuple[int, int], node: str) -> _Field:
             axes.append(_Axis(_gather(axis.spans, bins), None))
             whys.append(f"adaptive pooling {node!r} maps {n} to {m} with unequal bins")
     why = "; ".join(whys) + ("; pick an input size whose map divides evenly" if whys else "")
-    return _Field(data.dims, tuple(axes), why or data.why)
+    y, x = axes
+    return _Field(data.dims, (y, x), why or data.why)
 
 
 def _union(axes: list[_Axis]) -> tuple[_Axis, str]:
     """Union of branches over the same map: per index, min start and max end."""
     spans = tuple(_hull(group) for group in zip(*(a.spans for a in axes), strict=True))
-    affines = [a.affine for a in axes]
-    if None in affines:
+    affines = [a.affine for a in axes if a.affine is not None]
+    if len(affines) < len(axes):
         return _Axis(spans, None), ""
     strides = sorted({stride for _, stride, _ in affines})
     if len(strides) > 1:
@@ -316,6 +329,7 @@ def _hull(spans: Iterable[Span]) -> Span:
 
 def _window_args(op, args, kwargs) -> list[tuple[int, int, int, int]] | None:
     """Per axis (kernel, stride, padding, dilation) of a conv or pooling call; None for others."""
+    bound: dict[str, Any]  # argument name -> value, as the model passed it
     if isinstance(op, nn.Conv2d | nn.MaxPool2d | nn.AvgPool2d):
         bound = {"kernel_size": op.kernel_size, "stride": op.stride, "padding": op.padding}
         bound["dilation"] = getattr(op, "dilation", 1)
@@ -334,7 +348,7 @@ def _window_args(op, args, kwargs) -> list[tuple[int, int, int, int]] | None:
     return list(zip(k, s, pair(p), d, strict=True))
 
 
-def _moved(dims: tuple[int, int], name: str, args, kwargs) -> tuple[int, int]:
+def _moved(dims: tuple[int, int], name: str, args: tuple, kwargs: dict) -> tuple[int, int]:
     """Where the (H, W) dims go under permute or transpose, as negative positions."""
     ndim = args[0].dim()
     if name == "permute":

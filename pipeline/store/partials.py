@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import posixpath
 import uuid
-from typing import Any
+from typing import NotRequired, TypedDict, cast
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,6 +21,32 @@ from pipeline.store.schemas import conform
 from pipeline.store.storage import Store
 
 RUN_KEY = b"ninebest.run"  # Parquet metadata: the run fingerprint that wrote the partial
+
+
+class ShardReport(TypedDict):
+    """What the map worker (or a reindex deriving a shard) reports about one shard."""
+
+    images: int  # listed images the shard holds, bad ones included
+    indexed: int  # of which decoded and indexed
+    bad: int  # of which skipped (recorded in errors.parquet)
+    rows: int  # rows in the partial's topk table
+    seconds: NotRequired[float]  # compute time of the attempt
+    device: NotRequired[str]  # "cpu", "cuda:0", ...
+    precision: NotRequired[str]  # "float32" or "bfloat16"; absent in records before --precision
+    peak_rss_mb: NotRequired[float]  # the worker's peak resident memory
+    derived_from: NotRequired[str]  # reindex: the previous shard this partial was cut from
+
+
+class AttemptRef(TypedDict):
+    """Which attempt's tables to read: all a reader needs of a commit record."""
+
+    shard: str  # the shard key
+    attempt: str  # the attempt folder holding the tables
+    run: str  # the run fingerprint that wrote them
+
+
+class CommitRecord(ShardReport, AttemptRef):
+    """OUT/partials/<shard>/_COMMIT.json: the attempt that counts for a shard, and its report."""
 
 
 def new_attempt() -> str:
@@ -34,20 +60,20 @@ def write(
     run_fingerprint: str,
     topk: pa.Table,
     images: pa.Table,
-    report: dict[str, Any],
-) -> dict[str, Any]:
+    report: ShardReport,
+) -> CommitRecord:
     """Write one attempt's tables, then its commit record; return the record."""
     stamp = {RUN_KEY: run_fingerprint.encode()}
     for name, table, schema_name in (("topk", topk, "partial"), ("images", images, "images")):
         table = conform(table, schema_name)
         table = table.replace_schema_metadata({**table.schema.metadata, **stamp})
         store.write_parquet(partial_table(shard_key, attempt, name), table)
-    record = {**report, "shard": shard_key, "attempt": attempt, "run": run_fingerprint}
+    record = CommitRecord(**report, shard=shard_key, attempt=attempt, run=run_fingerprint)
     store.write_json(partial_commit(shard_key), record)
     return record
 
 
-def read_commit(store: Store, shard_key: str, run_fingerprint: str) -> dict[str, Any] | None:
+def read_commit(store: Store, shard_key: str, run_fingerprint: str) -> CommitRecord | None:
     """The shard's commit record if it belongs to this run, else None (the shard must be run)."""
     rel = partial_commit(shard_key)
     if not store.exists(rel):
@@ -55,11 +81,11 @@ def read_commit(store: Store, shard_key: str, run_fingerprint: str) -> dict[str,
     record = store.read_json(rel)
     if record.get("run") != run_fingerprint or record.get("shard") != shard_key:
         return None
-    return record
+    return cast(CommitRecord, record)
 
 
 def read_table(
-    store: Store, record: dict[str, Any], table: str, read_dictionary: list[str] | None = None
+    store: Store, record: AttemptRef, table: str, read_dictionary: list[str] | None = None
 ) -> pa.Table:
     """Read the committed attempt's `topk` or `images` table (one GET: partials are small).
 

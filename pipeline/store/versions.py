@@ -11,6 +11,7 @@ complete once its manifest.json exists; readers follow LATEST and never see a ha
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import socket
@@ -73,14 +74,23 @@ def newest(store: Store) -> Store:
     return version(store, run_id) if run_id is not None else store
 
 
-def previous(store: Store) -> tuple[Store, dict[str, Any]] | None:
+@dataclass(frozen=True)
+class Previous:
+    """The newest complete output under OUT, which a reindex compares today's data against."""
+
+    run_id: str  # its version's run id, or "index" for a plain `ninebest index` run in OUT
+    store: Store  # where its files are
+    manifest: dict[str, Any]  # its manifest.json
+
+
+def previous(store: Store) -> Previous | None:
     """The newest complete output under OUT: the LATEST version, else a plain `index` run."""
     run_id = latest(store)
     if run_id is not None:
         target = version(store, run_id)
-        return target, target.read_json(MANIFEST)
+        return Previous(run_id, target, target.read_json(MANIFEST))
     if store.exists(MANIFEST):
-        return store, store.read_json(MANIFEST)
+        return Previous("index", store, store.read_json(MANIFEST))
     return None
 
 
@@ -98,7 +108,7 @@ class Lock:
     def __enter__(self) -> Lock:
         self.since = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         if self.store.exists(LOCK):
-            held = self.store.read_json(LOCK)
+            held = self._held()
             if held.get("expires", 0) > time.time():
                 until = time.strftime("%H:%M:%S", time.localtime(held["expires"]))
                 raise DataError(
@@ -143,8 +153,20 @@ class Lock:
             raise DataError(f"another reindex took the lock on {self.store.url!r}; this run stops")
 
     def __exit__(self, *exc) -> None:
-        if self.store.exists(LOCK) and self.store.read_json(LOCK).get("owner") == self.owner:
+        if self.store.exists(LOCK) and self._held().get("owner") == self.owner:
             self.store.remove(LOCK)
+
+    def _held(self) -> dict[str, Any]:
+        """The lock record; an empty file (its creator died, or is writing it this instant)
+        counts as a lock of unknown owner that expires `ttl` after the file was made."""
+        raw = self.store.read_bytes(LOCK)
+        if raw.strip():
+            return json.loads(raw)
+        try:
+            made = self.store.fs.modified(self.store.path(LOCK)).timestamp()
+        except (NotImplementedError, OSError, AttributeError):
+            made = time.time()
+        return {"owner": "unknown (an empty lock file)", "since": "?", "expires": made + self.ttl}
 
 
 def prune(store: Store, keep: int) -> list[str]:

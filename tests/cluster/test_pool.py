@@ -142,8 +142,8 @@ class Factory:
         self.fake.options = options
         return self
 
-    def remote(self, *args) -> Actor:
-        actor = Actor(self.fake.script, self.fake.calls, args)
+    def remote(self, *args, threads: int) -> Actor:
+        actor = Actor(self.fake.script, self.fake.calls, (*args, threads))
         self.fake.actors.append(actor)
         return actor
 
@@ -203,7 +203,7 @@ def test_pool_starts_its_actors_with_the_placement_and_threads(cluster):
     pool, fake = cluster({"s1": [1]})
     assert len(pool.actors) == 1  # one task: one actor, with every CPU
     assert fake.options == {"max_restarts": 0, "num_cpus": 8}
-    assert pool.actors[0].args == ("settings", 8)  # the actor learns its thread count
+    assert pool.actors[0].args == ("settings", 8)  # the actor learns its thread count (threads=)
     with pool:
         pass
     assert not pool.actors[0].alive  # closed on exit

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import calendar
-import contextlib
+import os
 import re
 import time
 
@@ -15,7 +15,7 @@ from pipeline.store import versions
 from pipeline.store.layout import COMMIT, LATEST, LOCK, MANIFEST
 from pipeline.store.schemas import schema
 from pipeline.store.storage import Store
-from pipeline.store.versions import Lock
+from pipeline.store.versions import LOCK_TTL, Lock
 
 # run ids as new_run_id spells them, oldest first
 V1, V2, V3, V4 = (f"20261201T00000{i}Z-{c * 6}" for i, c in zip(range(1, 5), "abcd", strict=True))
@@ -243,15 +243,20 @@ def test_heartbeat_extends_the_lock_at_most_every_ttl_over_30(store, clock):
     assert not store.exists(LOCK)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Lock.__enter__ json-decodes an empty _LOCK (left by a run killed between its "
-    "exclusive create and first write): JSONDecodeError instead of a DataError or a take-over",
-)
-def test_an_empty_lock_file_is_refused_or_taken_over_never_a_json_crash(local, clock):
+def test_an_empty_lock_file_is_refused_while_fresh_never_a_json_crash(local, clock):
+    """Left by a run killed between its exclusive create and its first write."""
     local.write_bytes(LOCK, b"")
-    with contextlib.suppress(DataError), Lock(local):
+    with pytest.raises(DataError, match="owner unknown"), Lock(local):
         pass
+
+
+def test_an_empty_lock_file_expires_ttl_after_it_was_made(local):
+    local.write_bytes(LOCK, b"")
+    old = time.time() - 2 * LOCK_TTL
+    os.utime(local.path(LOCK), (old, old))
+    with Lock(local) as lock:
+        assert local.read_json(LOCK)["owner"] == lock.owner
+    assert not local.exists(LOCK)
 
 
 # prune
