@@ -39,9 +39,10 @@ def actor_options(workers: int, threads: int, tasks: int) -> tuple[int, dict[str
     return count, {"num_cpus": share}
 
 
-# What the pool makes actors of: a class built as `cls(*args, threads=n)`, n being the CPUs the
-# actor holds (torch's thread count), whose methods take and return plain picklable values.
-Worker = Callable[..., object]
+# What the pool makes actors of: a class (ray.remote of a function would make a task, not an
+# actor) built as `cls(*args, threads=n)`, n being the CPUs the actor holds (torch's thread
+# count), whose methods take and return plain picklable values.
+Worker = type[object]
 
 
 class Pool:

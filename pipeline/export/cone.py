@@ -271,12 +271,13 @@ def project_rows(
         return _fallback(model, layer, images, rows)  # scripted code is invisible to the tape
     with eval_mode(model):
         tape, output = _record(model, module, images)
-        if output is None or tape.node(output) is None or output.dim() != 4:
+        target = tape.node(output)  # None for no output or one not derived from the input
+        if output is None or target is None or output.dim() != 4:
             return _fallback(model, layer, images, rows)
         try:
             with torch.no_grad():  # the weights require grad; nothing here needs a graph
                 activations, seeds = _seeds(output, layer, rows)
-                signal = backward(tape, tape.node(output), seeds, rows[0])
+                signal = backward(tape, target, seeds, rows[0])
         except _Unsupported:
             return _fallback(model, layer, images, rows)
     height, width = images.shape[2:]
@@ -288,4 +289,6 @@ def project_rows(
 def _fallback(model: nn.Module, layer: str, images: Tensor, rows: tuple) -> tuple[Tensor, Tensor]:
     """`deconv.project` on each row's image: autograd over full maps."""
     which, units, ys, xs = rows
-    return project(model, layer, images[which], units, ys, xs, return_activations=True)
+    both = project(model, layer, images[which], units, ys, xs, return_activations=True)
+    assert isinstance(both, tuple)  # return_activations: (projections, activations)
+    return both

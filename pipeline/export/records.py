@@ -21,7 +21,7 @@ class PlanRow(TypedDict):
     rank: int
     activation: float
     image_id: str
-    image_hash: str | None
+    image_hash: str
     y: int
     x: int
     row: int  # position in the plan: outcomes are matched back by it
@@ -39,7 +39,7 @@ class PlanRow(TypedDict):
 class ImageJob:
     image_id: str
     uri: str
-    image_hash: str | None
+    image_hash: str
     rows: tuple[PlanRow, ...]  # plan rows of this image
     offset: int | None = None  # a tar member's bytes: where they start in the tar
     size: int | None = None  # and how many (one ranged read instead of a header scan)

@@ -26,8 +26,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,6 +42,7 @@ from pipeline.dataset.decode import BadImage, decode
 from pipeline.dataset.preprocess import normalize, to_uint8
 from pipeline.errors import DataError
 from pipeline.export.cone import project_rows
+from pipeline.export.records import ImageJob, Outcome, PlanRow, UnitGrid
 from pipeline.net.device import pick_device
 from pipeline.net.models import load_expected
 from pipeline.store.storage import Store
@@ -65,16 +68,6 @@ class Settings:
     threads: int  # decode / encode threads, and torch threads on CPU
 
 
-@dataclass(frozen=True)
-class ImageJob:
-    image_id: str
-    uri: str
-    image_hash: str
-    rows: tuple[dict, ...]  # plan rows of this image (see `plan_rows`)
-    offset: int | None = None  # a tar member's bytes: where they start in the tar
-    size: int | None = None  # and how many (one ranged read instead of a header scan)
-
-
 class Renderer:
     """Loads the model once; exports images, then renders unit grids (see the module doc)."""
 
@@ -88,22 +81,23 @@ class Renderer:
         self.model = module.to(self.device)
         self.store = Store(settings.export_url, settings.storage_options)
 
-    def export_images(self, jobs: tuple[ImageJob, ...]) -> list[dict]:
+    def export_images(self, jobs: tuple[ImageJob, ...]) -> list[Outcome]:
         """Patches and projections of every row of these images; per row, the outcome."""
         with ThreadPoolExecutor(self.s.threads) as pool:
             loaded = list(pool.map(self._load, jobs))  # [(ImageJob, pixels | None, error)]
             outcome = {
-                row["row"]: {"row": row["row"], "recomputed": None, "error": error}
+                row["row"]: Outcome(row=row["row"], recomputed=None, error=error)
                 for job, _, error in loaded
                 if error is not None
                 for row in job.rows
             }
-            good = [(job, pixels) for job, pixels, error in loaded if error is None]
+            # `_load` gives pixels exactly when it gives no error
+            good = [(job, pixels) for job, pixels, _ in loaded if pixels is not None]
             if good:
                 stack = torch.stack([pixels for _, pixels in good])  # (N, 3, crop, crop) uint8
                 pairs = [(row, i) for i, (job, _) in enumerate(good) for row in job.rows]
                 for row, value in self._project(stack, pairs, pool):
-                    outcome[row["row"]] = {"row": row["row"], "recomputed": value, "error": None}
+                    outcome[row["row"]] = Outcome(row=row["row"], recomputed=value, error=None)
         return list(outcome.values())
 
     def _load(self, job: ImageJob) -> tuple[ImageJob, torch.Tensor | None, str | None]:
@@ -122,9 +116,11 @@ class Renderer:
                 self.store.write_bytes(row["patch_path"], png(patch))
         return job, to_uint8(decoded.image, self.s.preprocess), None  # (3, crop, crop)
 
-    def _project(self, stack: torch.Tensor, pairs: list[tuple[dict, int]], pool):
+    def _project(
+        self, stack: torch.Tensor, pairs: list[tuple[PlanRow, int]], pool: ThreadPoolExecutor
+    ) -> Iterator[tuple[PlanRow, float]]:
         """Deconvnet projections of (row, image position) pairs, per layer in passes."""
-        layers: dict[str, list[tuple[dict, int]]] = {}
+        layers: dict[str, list[tuple[PlanRow, int]]] = {}
         for pair in pairs:
             layers.setdefault(pair[0]["layer"], []).append(pair)
         for layer, group in layers.items():
@@ -141,19 +137,19 @@ class Renderer:
                 list(pool.map(self._write_projection, rows, proj))
                 yield from zip(rows, acts.tolist(), strict=True)
 
-    def _write_projection(self, row: dict, projection: torch.Tensor) -> None:
+    def _write_projection(self, row: PlanRow, projection: torch.Tensor) -> None:
         if row["projection_path"] is None:
             return
         top, left, bottom, right = row["input_box"]
         image = projection_image(projection[:, top:bottom, left:right], self.s.preprocess.std)
         self.store.write_bytes(row["projection_path"], png(image))
 
-    def render_grids(self, units: tuple[dict, ...]) -> list[dict]:
+    def render_grids(self, units: tuple[UnitGrid, ...]) -> list[dict[str, Any]]:
         """Compose and write one grid per unit; return each grid's size."""
         with ThreadPoolExecutor(self.s.threads) as pool:
             return list(pool.map(self._grid, units))
 
-    def _grid(self, unit: dict) -> dict:
+    def _grid(self, unit: UnitGrid) -> dict[str, Any]:
         patches = [self._read_png(path) for path in unit["patches"]]
         projections = [self._read_png(path) for path in unit["projections"]]
         image = grid(patches, projections)
@@ -168,16 +164,16 @@ class Renderer:
         return image
 
 
-def passes(group: list[tuple[dict, int]], size: int) -> list[list[tuple[dict, int]]]:
+def passes(group: list[tuple[PlanRow, int]], size: int) -> list[list[tuple[PlanRow, int]]]:
     """Split (row, image position) pairs into passes of at most `size` rows, whole images first.
 
     An image's rows stay in one pass unless they alone exceed `size`: `project_rows` runs each
     image of a pass forward once, so splitting an image would repeat its forward.
     """
-    images: dict[int, list[tuple[dict, int]]] = {}
+    images: dict[int, list[tuple[PlanRow, int]]] = {}
     for pair in group:
         images.setdefault(pair[1], []).append(pair)
-    out: list[list[tuple[dict, int]]] = [[]]
+    out: list[list[tuple[PlanRow, int]]] = [[]]
     for pairs in images.values():
         if out[-1] and len(out[-1]) + len(pairs) > size:
             out.append([])

@@ -51,7 +51,7 @@ _POOLS = {F.max_pool2d, F.max_pool2d_with_indices}
 _QUERIES = {"__get__", "dim", "size", "numel", "__len__", "is_floating_point", "is_contiguous"}
 _TAG = "_ninebest_cone"  # attribute that holds (tape, node) on a traced tensor
 # (rule, traced inputs, params) of an op the backward can follow; see `Step`.
-Rule = tuple[str, tuple, dict[str, Any]]
+_Rule = tuple[str, tuple, dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ def watching_functions(tape: Tape) -> Iterator[None]:
         Function.apply = original
 
 
-def _rule(tape: Tape, func: Callable, args: tuple, kwargs: dict, out: object) -> Rule | None:
+def _rule(tape: Tape, func: Callable, args: tuple, kwargs: dict, out: object) -> _Rule | None:
     """(rule, inputs, params) for an op we can follow back exactly, else None."""
     if not isinstance(out, Tensor):
         return None
@@ -199,7 +199,7 @@ def _rule(tape: Tape, func: Callable, args: tuple, kwargs: dict, out: object) ->
     return None
 
 
-def _conv(tape: Tape, args: tuple, kwargs: dict) -> Rule | None:
+def _conv(tape: Tape, args: tuple, kwargs: dict) -> _Rule | None:
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     p: dict[str, Any] = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
     p |= dict(zip(names, args, strict=False)) | kwargs
@@ -211,7 +211,7 @@ def _conv(tape: Tape, args: tuple, kwargs: dict) -> Rule | None:
     return "conv", (p["input"],), {"weight": p["weight"], "groups": p["groups"], **conv}
 
 
-def _avg_pool(args: tuple, kwargs: dict) -> Rule | None:
+def _avg_pool(args: tuple, kwargs: dict) -> _Rule | None:
     """Average pooling with a fixed divisor is a depthwise convolution with a uniform kernel."""
     names = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
     p: dict[str, Any] = {
@@ -232,7 +232,7 @@ def _avg_pool(args: tuple, kwargs: dict) -> Rule | None:
     return "conv", (p["input"],), {**conv, "dilation": (1, 1)}
 
 
-def _batch_norm(tape: Tape, args: tuple, kwargs: dict) -> Rule | None:
+def _batch_norm(tape: Tape, args: tuple, kwargs: dict) -> _Rule | None:
     names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum")
     p: dict[str, Any] = {"weight": None, "bias": None, "training": False, "eps": 1e-5}
     p |= dict(zip((*names, "eps"), args, strict=False)) | kwargs
@@ -246,7 +246,7 @@ def _batch_norm(tape: Tape, args: tuple, kwargs: dict) -> Rule | None:
     return "scale", (p["input"],), {"factor": factor.detach().view(1, -1, 1, 1)}
 
 
-def _cat(args: tuple, kwargs: dict) -> Rule | None:
+def _cat(args: tuple, kwargs: dict) -> _Rule | None:
     tensors = args[0]
     dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
     if not all(isinstance(t, Tensor) and t.dim() == 4 for t in tensors) or dim not in (1, -3):
