@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.config import IndexConfig
+from pipeline.config import IndexConfig, Preprocess
 from pipeline.export.run import export
 from pipeline.index.reindex import reindex
 from pipeline.index.run import index
@@ -49,7 +49,7 @@ def config(out: Path) -> IndexConfig:
     return IndexConfig(
         model="tiny_models:tiny", weights=str(PLACE / "weights.pt"), data=str(PLACE / "data"),
         out=str(out), layers=("conv2", "fc"), k=3, shard_size=3, batch_size=2, workers=1,
-        max_bad_fraction=0.5, resize=32, crop=32,
+        max_bad_fraction=0.5, preprocess=Preprocess(resize=32, crop=32),
     )  # fmt: skip
 
 
