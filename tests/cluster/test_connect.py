@@ -13,7 +13,7 @@ import ray  # noqa: F401  (puts Ray's bundled psutil on the path)
 
 import psutil  # noqa: E402  isort: skip
 
-TESTS = Path(__file__).resolve().parent
+HELPERS = Path(__file__).resolve().parents[1] / "helpers"
 
 
 def listening(root: psutil.Process) -> list[tuple[str, str, int]]:
@@ -38,7 +38,7 @@ def is_loopback(address: str) -> bool:
 
 def test_a_run_without_address_listens_on_loopback_only(photos, tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "NINEBEST_FAULTS": "delay=0.2", "PYTHONPATH": str(TESTS),
+    env = {**os.environ, "NINEBEST_FAULTS": "delay=0.2", "PYTHONPATH": str(HELPERS),
            "RAY_ADDRESS": ""}  # fmt: skip
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # Ray's default: multi-node mode on
     argv = [sys.executable, "-m", "pipeline", "index", "--model", "tiny_models:tiny", "--layers",

@@ -292,7 +292,7 @@ def test_a_dead_actor_is_dropped_its_task_retried_and_a_fresh_one_started(fake_c
     assert not dead.alive and fresh.args == dead.args
     assert [c[0] for c, actor in fake.calls if actor is dead] == ["s1"]  # nothing after death
     assert [c[0] for c, _ in fake.calls].count("s1") == 2
-    assert [h["actors"] for h in pool.history] == [2, 1, 2]
+    assert [h["actors"] for h in pool.history] == [1, 2, 1, 2]  # up, up, died, replaced
 
 
 def test_a_task_that_keeps_failing_stops_the_run_naming_it(fake_cluster):

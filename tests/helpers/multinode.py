@@ -22,7 +22,7 @@ from ray.cluster_utils import Cluster
 
 from pipeline.cluster.connect import LOOPBACK, loopback
 
-TESTS = Path(__file__).resolve().parent
+HELPERS = Path(__file__).resolve().parent  # tiny_models and the other test helpers
 HEALTH = {
     "health_check_initial_delay_ms": 0,
     "health_check_period_ms": 1000,
@@ -44,7 +44,7 @@ class LocalCluster:
                     "_system_config": HEALTH,
                 },
             )  # fmt: skip
-            paths = os.pathsep.join([str(TESTS), *sys.path])
+            paths = os.pathsep.join([str(HELPERS), *sys.path])
             ray.init(
                 address=self.cluster.address,
                 runtime_env={"env_vars": {"PYTHONPATH": paths, **(env or {})}},
