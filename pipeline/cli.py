@@ -146,6 +146,18 @@ def add_index_flags(p: argparse.ArgumentParser) -> None:
         "bfloat16",
     )
     p.add_argument("--storage-options", help="fsspec storage options as a JSON object")
+    p.add_argument(
+        "--worker-wait",
+        type=float,
+        help="seconds work may wait with no worker up (nodes lost) before the run fails, "
+        "keeping finished shards (default 300)",
+    )
+    p.add_argument(
+        "--gpus",
+        type=int,
+        help="GPU actors to ask for even while fewer GPUs are up, so an autoscaler adds GPU "
+        "nodes (default 0: one actor per GPU that is up)",
+    )
 
 
 def index_config(args: argparse.Namespace) -> IndexConfig:

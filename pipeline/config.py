@@ -64,6 +64,10 @@ class IndexConfig:
     decode_threads: int = 4  # decoding threads per actor
     precision: str = "auto"  # forward pass: "float32", "bfloat16" (autocast), or "auto":
     # bfloat16 on GPUs that support it, float32 elsewhere
+    worker_wait: float = 300.0  # seconds work may wait with no worker up (nodes lost, none
+    # joined) before the run fails; finished shards are kept for the rerun
+    gpus: int = 0  # GPU actors to ask for even while the cluster has fewer GPUs up (an
+    # autoscaler adds GPU nodes for them); 0: one actor per GPU that is up
 
     def __post_init__(self) -> None:
         # Ray workers run in other folders: a relative local path must mean the driver's.
@@ -71,6 +75,12 @@ class IndexConfig:
         object.__setattr__(self, "out", absolute(self.out))
         object.__setattr__(self, "weights", absolute(self.weights, names_allowed=True))
         _check_positive(self, "k", "batch_size", "shard_size", "workers", "decode_threads")
+        if not self.worker_wait > 0:
+            raise ConfigError(
+                f"--worker-wait must be a number of seconds above 0, got {self.worker_wait}"
+            )
+        if not isinstance(self.gpus, int) or self.gpus < 0:
+            raise ConfigError(f"--gpus must be a whole number of at least 0, got {self.gpus!r}")
         if self.k > 10_000:
             raise ConfigError(f"--k must be at most 10000, got {self.k}")
         if self.buffer is not None and not 0 <= self.buffer <= 10_000:

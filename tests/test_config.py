@@ -58,6 +58,9 @@ def test_relative_paths_become_absolute_but_weights_names_stay(tmp_path, monkeyp
         ({"max_bad_fraction": "5%"}, "--max-bad-fraction must be a number, got '5%'"),
         ({"resize": "big"}, "--resize must be a whole number"),
         ({"precision": "half"}, "--precision 'half' is not one of auto, float32, bfloat16"),
+        ({"worker_wait": 0}, "--worker-wait must be a number of seconds above 0"),
+        ({"worker_wait": "soon"}, "--worker-wait must be a number, got 'soon'"),
+        ({"gpus": -1}, "--gpus must be a whole number of at least 0"),
     ],
 )
 def test_invalid_settings_name_the_flag(change, message):

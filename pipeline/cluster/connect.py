@@ -1,14 +1,65 @@
-"""Connect to a Ray cluster, or start a local instance on loopback for the length of a command."""
+"""The Ray session of a run: connect to `--address`, or start a local instance on loopback only.
+
+A local instance (no `--address`, no RAY_ADDRESS) must listen on 127.0.0.1 and nowhere else: on a
+laptop on a shared network anything else is an open door. Ray replaces `_node_ip_address=
+"127.0.0.1"` with the machine's outside address unless its multi-node mode is off
+(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read by Ray when it is imported), and then gcs_server,
+raylet, workers and the dashboard and runtime-env agents bind every interface or the outside
+address. `loopback()` turns that mode off for the processes this instance starts (they inherit
+the variable) and for this process (Ray read the variable at import, so its constant is set too),
+and restores both afterwards so a later `--address` connection is unchanged.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 
 import ray
+import ray._private.ray_constants as ray_constants
 
 from pipeline.errors import ConfigError
+
+LOOPBACK = "127.0.0.1"
+CLUSTER_MODE = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR  # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER
+
+
+@contextlib.contextmanager
+def loopback() -> Iterator[None]:
+    """Ray processes started inside listen on 127.0.0.1 only (see the module docstring)."""
+    before_env = os.environ.get(CLUSTER_MODE)
+    before_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[CLUSTER_MODE] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before_flag
+        if before_env is None:
+            os.environ.pop(CLUSTER_MODE, None)
+        else:
+            os.environ[CLUSTER_MODE] = before_env
+
+
+def start_local() -> None:
+    """A local instance on loopback only; its workers import what the driver can."""
+    with loopback():
+        ray.init(
+            include_dashboard=False,
+            dashboard_host=LOOPBACK,
+            _node_ip_address=LOOPBACK,
+            object_store_memory=256 * 1024**2,
+            logging_level=logging.WARNING,
+            runtime_env={
+                "env_vars": {
+                    "PYTHONPATH": os.pathsep.join(import_paths()),
+                    CLUSTER_MODE: "0",  # workers that start more Ray processes keep to loopback
+                }
+            },
+        )
 
 
 class ray_session:
@@ -23,13 +74,7 @@ class ray_session:
             return self
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         if self.address is None and not os.environ.get("RAY_ADDRESS"):
-            ray.init(
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                object_store_memory=256 * 1024**2,
-                logging_level=logging.WARNING,
-                runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(_import_paths())}},
-            )
+            start_local()
         else:
             try:
                 ray.init(address=self.address, logging_level=logging.WARNING)
@@ -47,7 +92,7 @@ class ray_session:
             ray.shutdown()
 
 
-def _import_paths() -> list[str]:
+def import_paths() -> list[str]:
     """The driver's import path, so a local instance's workers import what the driver can."""
     cwd = os.getcwd()
     return [cwd] + [p for p in sys.path if p and os.path.isdir(p) and p != cwd]

@@ -13,7 +13,9 @@ thread into the same decode pool; positions come from the container, in image_id
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import resource
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -70,16 +72,18 @@ class ShardIndexer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.layers = find_layers(self.model, cfg.layers)
         self.store = Store(cfg.out, cfg.storage_options)
+        self.placement: dict[str, str] = {}  # "node" and "actor" ids, when run as a Ray actor
+        self.device_lock = threading.Lock()  # one shard at a time on the device (see _index)
 
     def index_shard(self, shard: Shard, units: dict[str, int]) -> partials.CommitRecord:
         """Index one shard and commit its partial; return the commit record."""
         start = time.perf_counter()
         try:
-            topks, loaded = self._index(shard, units, order=None)
+            topks, loaded, busy = self._index(shard, units, order=None)
         except containers.Unsorted:  # a tar out of name order: learn the order, then index again
             assert shard.container is not None  # only containers can be out of order
             order = containers.tar_order(shard.container, self.cfg.storage_options)
-            topks, loaded = self._index(shard, units, order)
+            topks, loaded, busy = self._index(shard, units, order)
         size = 1 + max((item.position for item in loaded), default=-1)
         ids: list[str | None] = [None] * size  # by position; None where no image sits
         hashes: list[str | None] = [None] * size
@@ -94,10 +98,12 @@ class ShardIndexer:
             "bad": sum(item.error is not None for item in loaded),
             "rows": topk_table.num_rows,
             "seconds": round(time.perf_counter() - start, 3),
+            "device_seconds": round(busy, 3),  # holding the device (forward passes)
             "device": str(self.device),
             "precision": self.precision,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
+        report.update(self.placement)  # type: ignore[typeddict-item]  # node and actor
         attempt = partials.new_attempt()
         return partials.write(
             self.store, shard.key, attempt, self.run_fingerprint, topk_table,
@@ -105,15 +111,30 @@ class ShardIndexer:
         )  # fmt: skip
 
     def _index(self, shard: Shard, units: dict[str, int], order: dict[str, int] | None):
-        """(per-layer RunningTopK, every image's metadata in storage order) for one shard."""
+        """(per-layer RunningTopK, every image's metadata in storage order, seconds on the
+        device) for one shard.
+
+        Two shards may be in flight on one actor (threads): each starts reading and decoding at
+        once, but only the holder of `device_lock` runs forward passes (the hooks and the model
+        are shared), so the next shard's first batches are decoded while the current one runs,
+        and a shard's commit (after this returns) overlaps the next one's forward passes.
+        """
         depth = self.cfg.depth
         topks = {name: RunningTopK(units[name], depth, self.device) for name in self.layers}
         loaded: list[Loaded] = []
         autocast = torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"
         )
+        stream = _started(self._load_all(shard, order))  # reads and decodes begin now
+        with self.device_lock:
+            began = time.perf_counter()
+            self._forward(stream, topks, loaded, autocast)
+            busy = time.perf_counter() - began
+        return topks, loaded, busy
+
+    def _forward(self, stream: Iterator[Loaded], topks, loaded: list[Loaded], autocast) -> None:
         with torch.inference_mode(), autocast, Capture(self.model, self.layers) as capture:
-            for batch in _batched(self._load_all(shard, order), self.cfg.batch_size, loaded):
+            for batch in _batched(stream, self.cfg.batch_size, loaded):
                 positions = torch.tensor([item.position for item in batch])  # (B,)
                 pixels = torch.stack([_pixels(item) for item in batch])  # (B, 3, crop, crop) uint8
                 x = self._to_device(pixels)  # (B, 3, crop, crop) float32
@@ -122,7 +143,6 @@ class ShardIndexer:
                 for name, m in maxima.items():
                     topks[name].add(m.values, positions, m.ys, m.xs)
                 faults.after_batch()
-        return topks, loaded
 
     def _to_device(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
@@ -164,6 +184,12 @@ class ShardIndexer:
 def _pixels(item: Loaded) -> torch.Tensor:
     assert item.pixels is not None  # _batched keeps only decoded images
     return item.pixels  # (3, crop, crop) uint8
+
+
+def _started(stream: Iterator[Loaded]) -> Iterator[Loaded]:
+    """`stream` with its first item already taken, so its read-ahead is running."""
+    first = next(stream, None)
+    return stream if first is None else itertools.chain([first], stream)
 
 
 def _batched(stream: Iterator[Loaded], size: int, seen: list[Loaded]) -> Iterator[list[Loaded]]:

@@ -36,6 +36,7 @@ from pipeline.store.schemas import VERSIONS
 from pipeline.store.storage import Store
 
 COMMIT_READERS = 32  # commit records read at once when a run starts (resume, reindex)
+SHARDS_IN_FLIGHT = 2  # per map actor: the next shard decodes while the current one computes
 
 
 def index(cfg: IndexConfig, progress: Progress | None = None) -> dict[str, Any]:
@@ -67,9 +68,10 @@ def execute(
     todo = [s for s in shards if records[s.key] is None]
     progress.start(len(shards), len(shards) - len(todo))
     map_started = time.time()
+    pool_sizes: list[dict[str, float]] = []
     if todo:
         with ray_session(p.cfg.address):
-            for record in map_shards(p, todo):
+            for record in map_shards(p, todo, pool_sizes):
                 records[record["shard"]] = record
                 progress.shard_done(record)
                 on_shard()
@@ -84,6 +86,7 @@ def execute(
     files = write_index(target, index_table, p.cfg.layers)
     manifest = _manifest(p, ordered, files, index_table.num_rows, total, bad)
     manifest["counts"]["computed_shards"] = len(todo)
+    manifest["pool"] = pool_sizes  # actors up over the map's time, at every change
     manifest["timings"] = {
         "map_seconds": round(map_seconds, 3),
         "reduce_seconds": round(time.time() - reduce_started, 3),
@@ -145,7 +148,15 @@ def _manifest(
             "index_rows": rows,
         },
         "outputs": {"index": files, "images": IMAGES, "errors": ERRORS},
-        "shards": [{"key": r["shard"], "attempt": r["attempt"]} for r in records],
+        "shards": [
+            {
+                "key": r["shard"],
+                "attempt": r["attempt"],
+                "node": r.get("node"),
+                "actor": r.get("actor"),
+            }
+            for r in records
+        ],  # fmt: skip
         "environment": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -160,11 +171,21 @@ def _manifest(
     }
 
 
-def map_shards(p: Plan, todo: list[Shard]) -> Iterator[CommitRecord]:
-    """Run `todo` on an actor pool; yield each shard's commit record as it finishes."""
+def map_shards(
+    p: Plan, todo: list[Shard], pool_sizes: list[dict[str, float]]
+) -> Iterator[CommitRecord]:
+    """Run `todo` on an actor pool; yield each shard's commit record as it finishes.
+
+    `pool_sizes` receives the pool's size over time ({"seconds", "actors"} at every change).
+    """
     units = {name: shape[0] for name, shape in p.shapes.items()}
     args = (p.cfg, p.run_fingerprint, p.model_fingerprint)
-    with Pool(ShardIndexer, args, p.cfg.workers, p.cfg.decode_threads, len(todo)) as pool:
-        yield from pool.map(
-            "index_shard", todo, call=lambda s: (s, units), name=lambda s: f"shard {s.key}"
-        )
+    cfg = p.cfg
+    with Pool(ShardIndexer, args, cfg.workers, cfg.decode_threads, len(todo), cfg.worker_wait,
+              cfg.gpus, in_flight=SHARDS_IN_FLIGHT) as pool:  # fmt: skip
+        try:
+            yield from pool.map(
+                "index_shard", todo, call=lambda s: (s, units), name=lambda s: f"shard {s.key}"
+            )
+        finally:
+            pool_sizes[:] = pool.history

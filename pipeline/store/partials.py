@@ -34,6 +34,9 @@ class ShardReport(TypedDict):
     device: NotRequired[str]  # "cpu", "cuda:0", ...
     precision: NotRequired[str]  # "float32" or "bfloat16"; absent in records before --precision
     peak_rss_mb: NotRequired[float]  # the worker's peak resident memory
+    device_seconds: NotRequired[float]  # of `seconds`, time holding the device (forward passes)
+    node: NotRequired[str]  # the Ray node id that computed it (runtime context's get_node_id)
+    actor: NotRequired[str]  # the Ray actor id that computed it
     derived_from: NotRequired[str]  # reindex: the previous shard this partial was cut from
 
 

@@ -43,7 +43,8 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 VERSION = PYPROJECT["project"]["version"]
 RAY_PIN = next(d for d in PYPROJECT["project"]["dependencies"] if d.startswith("ray"))
 RAY_VERSION = RAY_PIN.split("==")[1]
-TEST_OVERRIDES = {"model": "tiny_models:tiny", "layers": ["conv2", "fc"]}  # + weights, data, out
+TEST_OVERRIDES = {"model": "tiny_models:tiny", "layers": ["conv2", "fc"], "gpus": 0}
+# + weights, data, out; `gpus: 0` because a local instance has no GPU nodes to scale up
 API_VERSIONS = {
     "CronJob": "batch/v1",
     **dict.fromkeys(("RayCluster", "RayJob", "RayCronJob"), "ray.io/v1"),
@@ -204,8 +205,19 @@ def test_ray_clusters_run_this_ray_with_tokens_a_cpu_head_and_gpu_workers():
         gpu_groups = [g for g in spec["workerGroupSpecs"] if gpus(g) >= 1]
         assert gpu_groups, f"{name}: no worker group with nvidia.com/gpu"
         for group in gpu_groups:
-            assert group["minReplicas"] >= 1, f"{name}: zero GPUs at job start means CPU actors"
+            if group["minReplicas"] == 0:  # scales from zero: pending GPU actors ask for pods
+                assert spec.get("enableInTreeAutoscaling") is True, f"{name}: no autoscaler"
             assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], name
+
+
+def test_specs_ask_for_the_gpu_actors_the_autoscaler_can_add():
+    """With GPU pods scaling from zero, a job with `gpus: 0` would find no GPU at start and run
+    CPU actors; every spec asks for at most the GPUs the clusters can reach."""
+    most = min(sum(g["maxReplicas"] * gpus(g) for g in spec["workerGroupSpecs"])
+               for _, spec in cluster_specs())  # fmt: skip
+    for path in sorted(SPECS.glob("*.y*ml")):
+        asked = load_spec(str(path)).get("gpus", 0)
+        assert 1 <= asked <= most, f"jobs/specs/{path.name}: gpus {asked}, clusters reach {most}"
 
 
 def gpus(group: dict) -> int:

@@ -1,9 +1,15 @@
-"""The map worker without Ray: precision, and what a committed shard records."""
+"""The map worker without Ray: precision, what a committed shard records, two shards in flight."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
+import pandas as pd
+import pytest
 import torch
 import torchvision
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import oracle
 from pipeline.config import IndexConfig
@@ -55,3 +61,39 @@ def test_bfloat16_index_runs_under_autocast_and_says_so(photos, alexnet_weights,
         assert abs(row.activation - exact) <= 5e-2 * abs(exact) + 1e-2
         moved += abs(row.activation - exact) > 1e-4 * abs(exact)
     assert moved > len(table) // 4  # bfloat16 really ran: most values moved off float32
+
+
+TINY = {"conv2": 6, "fc": 5}
+
+
+@pytest.fixture(scope="module")
+def tiny_worker(photos, tmp_path_factory):
+    """A tiny-model worker and its shards; `solo` holds each shard's partial computed alone."""
+    out = tmp_path_factory.mktemp("inflight")
+    cfg = IndexConfig(
+        model="tiny_models:tiny", data=str(photos), layers=tuple(TINY), out=str(out),
+        batch_size=2, decode_threads=2,
+    )  # fmt: skip
+    shards = plan_shards(list_images(cfg.data), 6)
+    worker = ShardIndexer(cfg, "run", load_model(cfg.model).fingerprint, threads=1)
+    solo = {s.key: partial(worker, worker.index_shard(s, TINY)) for s in shards}
+    return worker, shards, solo
+
+
+def partial(worker: ShardIndexer, record: dict) -> pd.DataFrame:
+    return read_table(worker.store, record, "topk").to_pandas()
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_two_shards_in_flight_compute_what_each_computes_alone(tiny_worker, data):
+    """Shards run two at a time on one worker (as a Ray actor with max_concurrency 2 runs them),
+    in any order and any pairing, give the partials each gives alone, and report their time
+    on the device."""
+    worker, shards, solo = tiny_worker
+    order = data.draw(st.permutations(shards))
+    with ThreadPoolExecutor(max_workers=2) as threads:
+        records = list(threads.map(lambda s: worker.index_shard(s, TINY), order))
+    for shard, record in zip(order, records, strict=True):
+        pd.testing.assert_frame_equal(partial(worker, record), solo[shard.key])
+        assert 0 < record["device_seconds"] <= record["seconds"]

@@ -93,8 +93,8 @@ def test_killed_reindex_keeps_latest_and_resumes(data, tmp_path, monkeypatch):
     edit(data, latest_index(out))
     real = pipeline.index.run.map_shards
 
-    def dies_after_one(p, todo):
-        yield next(real(p, todo))
+    def dies_after_one(p, todo, *rest):
+        yield next(real(p, todo, *rest))
         raise KeyboardInterrupt  # the driver is killed
 
     monkeypatch.setattr(pipeline.index.run, "map_shards", dies_after_one)
