@@ -6,8 +6,8 @@ Outputs (relative to OUT), each one Parquet file per layer:
                              over the exact global top-`depth` contents of each unit
     bottom/<layer>.parquet   --bottom K: the K least-activating distinct images per unit, schema
                              "index", rank 1 the lowest, ties by image_id ascending
-    stats/<layer>.parquet    per-unit statistics (schema "stats", see pipeline/stats.py)
-    samples/<layer>.parquet  examples across the range (schema "samples", pipeline/samples.py)
+    stats/<layer>.parquet    per-unit statistics (schema "stats", see index/stats.py)
+    samples/<layer>.parquet  examples across the range (schema "samples", index/samples.py)
 
 All of them are merges of per-shard partial tables (partials.EXTRA), exact under any sharding:
 the bottom is the top-k of the negated activations (topk.merge's proof holds as it is); the
@@ -85,7 +85,7 @@ def write_stats(target: Store, merged: StatsMerge, layers: tuple[str, ...]) -> l
 
 
 def samples_index(store: Store, records: Sequence[CommitRecord], cfg: IndexConfig) -> pa.Table:
-    """The samples across the range of every layer (schema "samples", see pipeline/samples.py)."""
+    """The samples across the range of every layer (schema "samples", see index/samples.py)."""
     limit = effective_threshold(records)
     read = functools.partial(partials.read_table, store, table="samples")
     kept = [t.filter(pc.less(t["priority"], limit)) for t in _read_ahead(read, records, store)]
