@@ -263,9 +263,10 @@ def _content_stays(images: pa.Table, stay: pa.Array) -> bool:
 
 def derivable(cfg: IndexConfig) -> bool:
     """Whether a partial minus removed images can stay exact: not with statistics (a sketch,
-    a minimum cannot forget an image), a bottom (not kept deeper than K) or a perceptual
-    index (needs each shard's full top-depth contents); those shards are recomputed."""
-    return not cfg.stats and not cfg.bottom and cfg.distinct != "perceptual"
+    a minimum cannot forget an image), a bottom (not kept deeper than K), samples (a derived
+    partial would lack their table) or a perceptual index (needs each shard's full top-depth
+    contents); those shards are recomputed."""
+    return not (cfg.stats or cfg.bottom or cfg.samples) and cfg.distinct != "perceptual"
 
 
 def _deep_enough(topk: pa.Table, shapes: dict[str, tuple[int, ...]], need: int) -> bool:

@@ -188,3 +188,14 @@ def test_keep_prunes_old_versions_and_their_partials(data, tmp_path):
     }
     assert on_disk == used
     pd.testing.assert_frame_equal(latest_index(out), scratch(data, tmp_path))
+
+
+def test_only_a_plain_top_k_is_derived():
+    from pipeline.index.reindex import derivable
+
+    base = dict(model="m", data="/d", layers=("fc",), out="/o")
+    assert derivable(IndexConfig(**base, distinct="id", stats=False))
+    assert derivable(IndexConfig(**base, distinct="content", stats=False))
+    for kept in ({"stats": True}, {"stats": False, "samples": 2}, {"stats": False, "bottom": 1},
+                 {"stats": False, "distinct": "perceptual"}):  # fmt: skip
+        assert not derivable(IndexConfig(**base, **kept)), kept
