@@ -9,7 +9,10 @@ autocast and channels-last on a GPU; float32 on CPU).
 - bare: `model(x)` over pre-decoded, pre-normalised batches already on the device.
 - map stage: the worker's per-batch path over the same pre-decoded uint8 batches: copy to the
   device, normalise, forward with `Capture` hooks reducing each layer to spatial maxima,
-  `RunningTopK.add`. The two loops alternate over 9 rounds in one process; the best round of
+  `RunningTopK.add`, and with the run's defaults (`--distinct content --stats on`) each image's
+  content ident, the per-unit statistics and sketches (every value flushed into them) and the
+  samples (every image of a small dataset); the partial tables are built and written in the
+  end-to-end figure (`--stats off --distinct id` measures the top-k alone). The two loops alternate over 9 rounds in one process; the best round of
   each is shown, and the headline is the median of the 9 paired (same round) ratios, which
   varies less from run to run than a ratio of two bests on a shared machine.
 - decode: read + decode + resize/crop on the worker's thread pool, real photographs.
@@ -41,8 +44,8 @@ from report import environment, write_section  # noqa: E402
 from pipeline.config import IndexConfig, Preprocess  # noqa: E402
 from pipeline.dataset.listing import list_images  # noqa: E402
 from pipeline.dataset.refs import plan_shards  # noqa: E402
+from pipeline.index.distinct import Firsts  # noqa: E402
 from pipeline.index.map import ShardIndexer  # noqa: E402
-from pipeline.index.topk import RunningTopK  # noqa: E402
 from pipeline.net.hooks import Capture, probe  # noqa: E402
 from pipeline.net.instrument import find_layers  # noqa: E402
 from pipeline.net.models import load_model  # noqa: E402
@@ -74,16 +77,23 @@ def bench_forward(worker: ShardIndexer, batches_u8, pre: Preprocess, k: int, rou
                 model(x)
 
     def mapped():
-        topks = {name: RunningTopK(units[name], k, device) for name in layers}
+        running = worker._running(units)  # the worker's settings: distinct, stats, bottom
+        firsts = Firsts() if worker.cfg.distinct != "id" else None
+        idents, repeats = None, False
         offset = 0
         with torch.inference_mode(), autocast(), Capture(model, layers) as capture:
             for b in batches_u8:
-                positions = torch.arange(offset, offset + len(b))  # (B,)
+                where = list(range(offset, offset + len(b)))
+                positions = torch.tensor(where)  # (B,)
                 offset += len(b)
+                if firsts is not None:  # every image its own content, as after hashing
+                    first, repeats = firsts.idents([str(i) for i in where], where)
+                    idents = torch.tensor(first).to(device, non_blocking=True)  # (B,)
                 maxima = capture.run(worker._to_device(b))
                 positions = positions.to(device, non_blocking=True)  # (B,)
-                for name, m in maxima.items():
-                    topks[name].add(m.values, positions, m.ys, m.xs)
+                running.add(maxima, positions, idents, repeats, [str(i) for i in where], where)
+        for stats in running.stats.values():
+            stats.flush()  # the values still waiting for the sketches
 
     bare(), mapped()  # warm-up
     bares, maps = [], []
@@ -107,6 +117,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stats", default="on", help="per-unit statistics in the map stage: on/off")
+    ap.add_argument("--distinct", default="content", help="content (default), id or perceptual")
     ap.add_argument("--write", default=None, help="BENCHMARKS.md to update")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -121,6 +133,7 @@ def main() -> None:
                 model=f"torchvision:{a.model}", data=f"{tmp}/photos",
                 layers=tuple(a.layers.split(",")), out=f"{tmp}/out", batch_size=a.batch_size,
                 shard_size=a.images, decode_threads=decode_threads,
+                stats=a.stats == "on", distinct=a.distinct,
             )  # fmt: skip
 
         cfg = config(a.threads)
@@ -156,15 +169,16 @@ def main() -> None:
     slower = min(decode_split, bare_split)
     median = ratios[len(ratios) // 2]
     where = f"{device.type.upper()}, {worker.precision}"
-    body = f"""## Map stage vs bare forward ({a.model}, {len(cfg.layers)} layers, {where})
+    keeps = f"--distinct {a.distinct} --stats {a.stats}"
+    body = f"""## Map stage vs bare forward ({a.model}, {len(cfg.layers)} layers, {where}, {keeps})
 
-Command: `python bench/bench_map.py --model {a.model} --layers {a.layers} --images {a.images} --batch-size {a.batch_size} --threads {a.threads} --write BENCHMARKS.md`
+Command: `python bench/bench_map.py --model {a.model} --layers {a.layers} --images {a.images} --batch-size {a.batch_size} --threads {a.threads} {keeps} --write BENCHMARKS.md`
 Machine: {machine}; {a.images} images (real photographs, 224x224 crops), batch {a.batch_size}, device {device}.
 
 | measure | images/s | ratio |
 | --- | ---: | ---: |
 | bare `model(x)`, pre-decoded batches on the device ({a.threads} threads) | {bare:.1f} | 1.00 |
-| map stage (copy + normalise + hooks + spatial max + top-k), same batches | {mapped:.1f} | {mapped / bare:.3f} of bare (best vs best) |
+| map stage (copy + normalise + hooks + spatial max + top-k{" + content idents" if a.distinct != "id" else ""}{" + statistics, sketches and samples" if a.stats == "on" else ""}), same batches | {mapped:.1f} | {mapped / bare:.3f} of bare (best vs best) |
 | map / bare, paired rounds: median (range) of {len(ratios)} | | **{median:.3f}** ({ratios[0]:.3f} to {ratios[-1]:.3f}) |
 | decode only (read + decode + resize/crop, {a.threads} threads) | {decode_all:.1f} | {decode_all / bare:.2f} of bare |
 
@@ -182,7 +196,8 @@ decode-only and forward-only.
 """
     print(body)
     if a.write:
-        write_section(a.write, f"map-{a.model}", body)
+        legacy = a.distinct == "id" and a.stats == "off"
+        write_section(a.write, f"map-{a.model}" + ("" if legacy else f"-{a.distinct}-stats"), body)
 
 
 if __name__ == "__main__":

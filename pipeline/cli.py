@@ -145,6 +145,18 @@ def add_index_flags(p: argparse.ArgumentParser) -> None:
         help="forward pass: auto (bfloat16 on GPUs that support it, else float32), float32 or "
         "bfloat16",
     )
+    p.add_argument(
+        "--distinct",
+        help="one row per: content (sha256 of the bytes; default), id (image_id), or perceptual "
+        "(content, then pHash near-duplicates dropped)",
+    )
+    p.add_argument("--near", type=int, help="--distinct perceptual: pHash Hamming distance at "
+                   "most this is a near-duplicate (default 8 of 64 bits)")  # fmt: skip
+    p.add_argument("--stats", help="per-unit statistics, quantiles and histogram: on (default) "
+                   "or off")  # fmt: skip
+    p.add_argument("--bottom", type=int, help="least-activating images kept per unit (default 0)")
+    p.add_argument("--samples", type=int, help="images per activation band per unit (default 4 "
+                   "with --stats on; 0: none)")  # fmt: skip
     p.add_argument("--storage-options", help="fsspec storage options as a JSON object")
     p.add_argument(
         "--worker-wait",

@@ -22,6 +22,9 @@ import yaml
 from pipeline.errors import ConfigError, InputNotFoundError, closest
 
 PRECISIONS = ("auto", "float32", "bfloat16")
+DISTINCT = ("content", "id", "perceptual")  # see pipeline/index/distinct.py
+SAMPLES = 4  # default images per band with statistics on
+LEGACY = {"distinct": "id", "stats": False, "bottom": 0, "samples": 0}  # before these existed
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -68,6 +71,14 @@ class IndexConfig:
     # joined) before the run fails; finished shards are kept for the rerun
     gpus: int = 0  # GPU actors to ask for even while the cluster has fewer GPUs up (an
     # autoscaler adds GPU nodes for them); 0: one actor per GPU that is up
+    distinct: str = "content"  # one row per: "id" (image_id), "content" (sha256 of the bytes),
+    # or "perceptual" (content, then pHash near-duplicates dropped)
+    near: int = 8  # --distinct perceptual: pHash Hamming distance (of 64) at most this is a
+    # near-duplicate
+    stats: bool = True  # per-unit statistics, quantile sketch and histogram (OUT/stats/)
+    bottom: int = 0  # least-activating distinct images kept per unit (OUT/bottom/); 0: none
+    samples: int | None = None  # images per activation band per unit (OUT/samples/); 0: none;
+    # None: 4 with --stats on, 0 with --stats off (the legacy settings)
 
     def __post_init__(self) -> None:
         # Ray workers run in other folders: a relative local path must mean the driver's.
@@ -85,6 +96,18 @@ class IndexConfig:
             raise ConfigError(f"--k must be at most 10000, got {self.k}")
         if self.buffer is not None and not 0 <= self.buffer <= 10_000:
             raise ConfigError(f"--buffer must be between 0 and 10000, got {self.buffer}")
+        if self.distinct not in DISTINCT:
+            raise ConfigError(f"--distinct {self.distinct!r} is not one of {', '.join(DISTINCT)}")
+        if not isinstance(self.near, int) or not 0 <= self.near <= 64:
+            raise ConfigError(f"--near must be a whole number from 0 to 64, got {self.near!r}")
+        if not isinstance(self.stats, bool):
+            raise ConfigError(f"--stats must be on or off, got {self.stats!r}")
+        if self.samples is None:
+            object.__setattr__(self, "samples", SAMPLES if self.stats else 0)
+        for name in ("bottom", "samples"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value <= 10_000:
+                raise ConfigError(f"--{name} must be between 0 and 10000, got {value!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(
                 f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}"
@@ -103,6 +126,10 @@ class IndexConfig:
                 f"--crop {pre.crop} must be between 1 and --resize {pre.resize}; "
                 "the crop is cut from the resized image"
             )
+
+    def new_features(self) -> dict[str, Any]:
+        """The settings that differ from what ninebest did before they existed (LEGACY)."""
+        return {key: getattr(self, key) for key, old in LEGACY.items() if getattr(self, key) != old}
 
     @property
     def depth(self) -> int:
@@ -195,10 +222,17 @@ def _number_settings(*configs: type) -> dict[str, type]:
 
 
 NUMBERS = _number_settings(IndexConfig, Preprocess)  # what a spec's strings are converted to
+BOOLS = {"stats"}  # on/off settings
+SWITCH = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
 
 
 def _typed(key: str, value: Any) -> Any:
     """A spec value converted to its setting's type, or a one-line error naming the setting."""
+    if key in BOOLS and not isinstance(value, bool) and value is not None:
+        if str(value).lower() not in SWITCH:
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(f"{flag} must be on or off, got {value!r}")
+        return SWITCH[str(value).lower()]
     kind = NUMBERS.get(key)
     if kind is None or value is None or (type(value) is kind and not isinstance(value, bool)):
         return value

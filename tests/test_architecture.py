@@ -18,8 +18,8 @@ LAYER = {  # higher imports lower, never the reverse; equal layers may not impor
     "config": 0, "progress": 0, "__init__": 0, "errors": -1,
 }  # fmt: skip
 SERVICES_MAY_USE = {"store"}  # the lowest service: others may read and write through it
-PURE = ["index/topk.py", "net/receptive_field.py", "export/deconv.py", "export/tape.py",
-        "export/cone.py"]  # fmt: skip
+PURE = ["index/topk.py", "index/distinct.py", "index/stats.py", "net/receptive_field.py",
+        "export/deconv.py", "export/tape.py", "export/cone.py"]  # fmt: skip
 
 
 def module_name(path: Path) -> str:

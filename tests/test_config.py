@@ -96,3 +96,26 @@ def test_every_number_setting_converts_from_a_spec_string():
     assert "mean" not in NUMBERS and "model" not in NUMBERS  # tuples and strings stay as given
     for name, kind in NUMBERS.items():
         assert _typed(name, "3") == kind(3) and type(_typed(name, "3")) is kind
+
+
+def test_distinct_stats_and_bottom_settings(tmp_path):
+    cfg = build_index_config({}, BASE)
+    assert (cfg.distinct, cfg.near, cfg.stats, cfg.bottom, cfg.samples) == (
+        "content", 8, True, 0, 4
+    )  # fmt: skip
+    assert cfg.new_features() == {"distinct": "content", "stats": True, "samples": 4}
+    legacy = build_index_config({}, {**BASE, "distinct": "id", "stats": "off"})
+    assert legacy.stats is False and legacy.samples == 0 and legacy.new_features() == {}
+    assert build_index_config({}, {**BASE, "stats": "off", "samples": 2}).samples == 2
+    spec = tmp_path / "job.yaml"
+    spec.write_text("stats: off\nbottom: 5\ndistinct: perceptual\nnear: 4\n")  # YAML: off is False
+    cfg = build_index_config(load_spec(str(spec)), BASE)
+    assert (cfg.stats, cfg.bottom, cfg.distinct, cfg.near) == (False, 5, "perceptual", 4)
+    for flags, message in (
+        ({"distinct": "pixels"}, "--distinct 'pixels' is not one of content, id, perceptual"),
+        ({"stats": "maybe"}, "--stats must be on or off, got 'maybe'"),
+        ({"bottom": -1}, "--bottom must be between 0 and 10000"),
+        ({"near": 65}, "--near must be a whole number from 0 to 64"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            build_index_config({}, {**BASE, **flags})

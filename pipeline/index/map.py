@@ -30,7 +30,10 @@ from pipeline.dataset.decode import BadImage, decode
 from pipeline.dataset.preprocess import normalize, to_uint8
 from pipeline.dataset.refs import ImageRef, Shard
 from pipeline.index import faults
-from pipeline.index.topk import RunningTopK
+from pipeline.index.distinct import Firsts, phash
+from pipeline.index.samples import RunningSamples, priority, threshold
+from pipeline.index.stats import RunningStats
+from pipeline.index.topk import RunningTopK, negated
 from pipeline.net.device import pick_device, resolve_precision
 from pipeline.net.hooks import Capture
 from pipeline.net.instrument import find_layers
@@ -52,6 +55,57 @@ class Loaded:
     height: int | None = None
     width: int | None = None
     error: str | None = None
+    phash: int | None = None  # --distinct perceptual only
+
+
+@dataclass
+class Running:
+    """One shard's running state per layer: the top-k, and what the run also keeps."""
+
+    topks: dict[str, RunningTopK]
+    bottoms: dict[str, RunningTopK]  # values negated: the top of -activation is the bottom
+    stats: dict[str, RunningStats]
+    samples: dict[str, RunningSamples]
+    limit: int  # the samples' priority threshold (samples.threshold)
+    priorities: dict[str, int]  # image_id -> samples.priority, of the images kept
+
+    def add(
+        self,
+        maxima: dict,
+        positions: torch.Tensor,
+        idents: torch.Tensor | None,
+        repeats: bool,
+        ids: list[str] | None = None,
+        where: list[int] | None = None,
+    ) -> None:
+        """Fold one batch's maxima (layer -> hooks.LayerMax) into every layer's state; `ids`
+        and `where` (the batch's image ids and positions, on the host) feed the samples."""
+        if self.samples:
+            assert ids is not None and where is not None, "samples need the batch's ids"
+            ranks = [priority(i) for i in ids]
+            self.priorities.update(zip(ids, ranks, strict=True))
+            for name, m in maxima.items():
+                self.samples[name].add(ranks, where, m)
+        for name, m in maxima.items():
+            self.topks[name].add(m.values, positions, m.ys, m.xs, idents, repeats)
+            if self.bottoms:
+                low = -m.values  # (B, U)
+                self.bottoms[name].add(low, positions, m.ys, m.xs, idents, repeats)
+            if self.stats:
+                self.stats[name].add(m.values)
+
+    def extra(self, ids: list[str | None], hashes: list[str | None]) -> dict[str, pa.Table]:
+        """The optional partial tables (partials.EXTRA) this run keeps."""
+        out: dict[str, pa.Table] = {}
+        if self.bottoms:
+            parts = [negated(t.table(n, ids, hashes)) for n, t in self.bottoms.items()]
+            out["bottom"] = pa.concat_tables(parts)
+        if self.stats:
+            out["stats"] = pa.concat_tables([s.table(n) for n, s in self.stats.items()])
+        if self.samples:
+            tables = [s.table(n, ids, hashes, self.priorities) for n, s in self.samples.items()]
+            out["samples"] = pa.concat_tables(tables)
+        return out
 
 
 class ShardIndexer:
@@ -75,15 +129,19 @@ class ShardIndexer:
         self.placement: dict[str, str] = {}  # "node" and "actor" ids, when run as a Ray actor
         self.device_lock = threading.Lock()  # one shard at a time on the device (see _index)
 
-    def index_shard(self, shard: Shard, units: dict[str, int]) -> partials.CommitRecord:
-        """Index one shard and commit its partial; return the commit record."""
+    def index_shard(
+        self, shard: Shard, units: dict[str, int], listed: int | None = None
+    ) -> partials.CommitRecord:
+        """Index one shard and commit its partial; return the commit record. `listed`: images
+        in the whole dataset (the samples' threshold; default the shard's own count)."""
         start = time.perf_counter()
+        listed = listed or len(shard.refs)
         try:
-            topks, loaded, busy = self._index(shard, units, order=None)
+            running, loaded, busy = self._index(shard, units, None, listed)
         except containers.Unsorted:  # a tar out of name order: learn the order, then index again
             assert shard.container is not None  # only containers can be out of order
             order = containers.tar_order(shard.container, self.cfg.storage_options)
-            topks, loaded, busy = self._index(shard, units, order)
+            running, loaded, busy = self._index(shard, units, order, listed)
         size = 1 + max((item.position for item in loaded), default=-1)
         ids: list[str | None] = [None] * size  # by position; None where no image sits
         hashes: list[str | None] = [None] * size
@@ -91,7 +149,10 @@ class ShardIndexer:
             if item.position >= 0:
                 ids[item.position] = item.ref.image_id
                 hashes[item.position] = item.image_hash
-        topk_table = pa.concat_tables([t.table(n, ids, hashes) for n, t in topks.items()])
+        topk_table = pa.concat_tables([t.table(n, ids, hashes) for n, t in running.topks.items()])
+        extra = running.extra(ids, hashes)
+        if self.cfg.distinct == "perceptual":
+            extra["phash"] = _phash_table(loaded, topk_table)
         report: partials.ShardReport = {
             "images": len(loaded),
             "indexed": sum(item.error is None for item in loaded),
@@ -103,15 +164,33 @@ class ShardIndexer:
             "precision": self.precision,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
+        if running.samples:
+            report["sample_threshold"] = running.limit
         report.update(self.placement)  # type: ignore[typeddict-item]  # node and actor
         attempt = partials.new_attempt()
         return partials.write(
             self.store, shard.key, attempt, self.run_fingerprint, topk_table,
-            _images_table(loaded, shard.key), report,
+            _images_table(loaded, shard.key), report, extra,
         )  # fmt: skip
 
-    def _index(self, shard: Shard, units: dict[str, int], order: dict[str, int] | None):
-        """(per-layer RunningTopK, every image's metadata in storage order, seconds on the
+    def _running(self, units: dict[str, int], listed: int = 1) -> Running:
+        cfg, device, distinct = self.cfg, self.device, self.cfg.distinct != "id"
+        limit = threshold(listed)
+        return Running(
+            {n: RunningTopK(units[n], cfg.depth, device, distinct) for n in self.layers},
+            {n: RunningTopK(units[n], cfg.bottom, device, distinct) for n in self.layers}
+            if cfg.bottom
+            else {},
+            {n: RunningStats(units[n], device) for n in self.layers} if cfg.stats else {},
+            {n: RunningSamples(limit) for n in self.layers} if cfg.samples else {},
+            limit,
+            {},
+        )
+
+    def _index(
+        self, shard: Shard, units: dict[str, int], order: dict[str, int] | None, listed: int
+    ) -> tuple[Running, list[Loaded], float]:
+        """(per-layer running state, every image's metadata in storage order, seconds on the
         device) for one shard.
 
         Two shards may be in flight on one actor (threads): each starts reading and decoding at
@@ -119,29 +198,34 @@ class ShardIndexer:
         are shared), so the next shard's first batches are decoded while the current one runs,
         and a shard's commit (after this returns) overlaps the next one's forward passes.
         """
-        depth = self.cfg.depth
-        topks = {name: RunningTopK(units[name], depth, self.device) for name in self.layers}
+        running = self._running(units, listed)
         loaded: list[Loaded] = []
-        autocast = torch.autocast(
-            self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"
-        )
         stream = _started(self._load_all(shard, order))  # reads and decodes begin now
         with self.device_lock:
             began = time.perf_counter()
-            self._forward(stream, topks, loaded, autocast)
+            self._forward(stream, running, loaded)
             busy = time.perf_counter() - began
-        return topks, loaded, busy
+        return running, loaded, busy
 
-    def _forward(self, stream: Iterator[Loaded], topks, loaded: list[Loaded], autocast) -> None:
+    def _forward(self, stream: Iterator[Loaded], running: Running, loaded: list[Loaded]) -> None:
+        firsts = Firsts() if self.cfg.distinct != "id" else None
+        idents, repeats = None, False
+        autocast = torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"
+        )
         with torch.inference_mode(), autocast, Capture(self.model, self.layers) as capture:
             for batch in _batched(stream, self.cfg.batch_size, loaded):
-                positions = torch.tensor([item.position for item in batch])  # (B,)
+                where = [item.position for item in batch]
+                positions = torch.tensor(where)  # (B,)
+                if firsts is not None:
+                    first, repeats = firsts.idents([_hash(item) for item in batch], where)
+                    idents = torch.tensor(first).to(self.device, non_blocking=True)  # (B,)
                 pixels = torch.stack([_pixels(item) for item in batch])  # (B, 3, crop, crop) uint8
                 x = self._to_device(pixels)  # (B, 3, crop, crop) float32
                 maxima = capture.run(x)
                 positions = positions.to(self.device, non_blocking=True)  # (B,)
-                for name, m in maxima.items():
-                    topks[name].add(m.values, positions, m.ys, m.xs)
+                ids = [item.ref.image_id for item in batch]
+                running.add(maxima, positions, idents, repeats, ids, where)
                 faults.after_batch()
 
     def _to_device(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -178,7 +262,16 @@ class ShardIndexer:
             return Loaded(position, ref, None, error=str(e))
         pixels = to_uint8(decoded.image, self.cfg.preprocess)
         height, width = decoded.image.height, decoded.image.width
-        return Loaded(position, ref, pixels, decoded.image_hash, decoded.nbytes, height, width)
+        perceptual = phash(decoded.image) if self.cfg.distinct == "perceptual" else None
+        return Loaded(
+            position, ref, pixels, decoded.image_hash, decoded.nbytes, height, width,
+            phash=perceptual,
+        )  # fmt: skip
+
+
+def _hash(item: Loaded) -> str:
+    assert item.image_hash is not None  # _batched keeps only decoded images
+    return item.image_hash
 
 
 def _pixels(item: Loaded) -> torch.Tensor:
@@ -205,6 +298,18 @@ def _batched(stream: Iterator[Loaded], size: int, seen: list[Loaded]) -> Iterato
             batch = []
     if batch:
         yield batch
+
+
+def _phash_table(loaded: list[Loaded], topk: pa.Table) -> pa.Table:
+    """The pHash of each content hash in `topk` (schema "phash")."""
+    wanted = set(topk["image_hash"].to_pylist())
+    found = {item.image_hash: item.phash for item in loaded if item.image_hash in wanted}
+    return pa.table(
+        {
+            "image_hash": pa.array(list(found), pa.string()),
+            "phash": pa.array(list(found.values()), pa.int64()),
+        }
+    )
 
 
 def _images_table(loaded: list[Loaded], shard_key: str) -> pa.Table:

@@ -11,11 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.config import IndexConfig
 from pipeline.dataset.listing import list_images
 from pipeline.dataset.refs import ImageRef, Shard, data_fingerprint, plan_shards
 from pipeline.errors import DataError
+from pipeline.index.samples import BANDS, SAMPLE
+from pipeline.index.stats import EDGES, SKETCH_K
 from pipeline.net.hooks import probe
 from pipeline.net.instrument import find_layers
 from pipeline.net.models import load_model
@@ -54,8 +57,13 @@ def plan(cfg: IndexConfig) -> Plan:
 
 
 def run_fingerprint(cfg: IndexConfig, model_fingerprint: str) -> str:
-    """Hash of everything that changes a partial's content: model, weights, layers, k, geometry."""
-    key = {
+    """Hash of everything that changes a partial's content: model, weights, layers, k, geometry.
+
+    Settings added later (config.LEGACY) enter the hash only when they differ from what
+    ninebest did before them, so `--distinct id --stats off` (and no bottom or samples) keeps
+    the fingerprint, and the partials, of an index written before they existed.
+    """
+    key: dict[str, Any] = {
         "model": cfg.model,
         "weights": model_fingerprint,
         "layers": list(cfg.layers),
@@ -66,6 +74,17 @@ def run_fingerprint(cfg: IndexConfig, model_fingerprint: str) -> str:
         "data": cfg.data,
         "schemas": {name: VERSIONS[name] for name in ("partial", "images")},
     }
+    for name, value in cfg.new_features().items():
+        key[name] = value
+        if name == "distinct" and value == "perceptual":
+            key["near"] = cfg.near
+            key["schemas"]["phash"] = VERSIONS["phash"]
+        if name == "samples":
+            key["samples_bands"] = {"bands": BANDS, "sample": SAMPLE}
+            key["schemas"]["samples_state"] = VERSIONS["samples_state"]
+        if name == "stats":
+            key["stats_sketch"] = {"kll_k": SKETCH_K, "edges": EDGES.tolist()}
+            key["schemas"]["stats_state"] = VERSIONS["stats_state"]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -86,9 +105,15 @@ def check_out(store: Store, p: Plan) -> None:
         old, new = previous.get("config", {}), p.cfg.to_json()
         differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         what = ", ".join(differ) if differ else "model weights or ninebest's partial format"
+        legacy = "distinct" not in old and p.cfg.new_features()
+        hint = (
+            "; to resume it, pass --distinct id --stats off --samples 0 --bottom 0 (its settings)"
+            if legacy
+            else ""
+        )
         raise DataError(
             f"--out {store.url!r} already holds a different run ({what} differ); "
-            "choose a new --out, or delete the old one"
+            f"choose a new --out, or delete the old one{hint}"
         )
     if store.listdir(""):
         raise DataError(

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from pipeline.index.topk import merge, order_bits
 from pipeline.store import partials
-from pipeline.store.layout import ERRORS, IMAGES, index_file
+from pipeline.store.layout import ERRORS, IMAGES, INDEX_DIR, layer_file
 from pipeline.store.partials import AttemptRef
 from pipeline.store.prefetch import prefetch
 from pipeline.store.schemas import conform, empty, schema
@@ -39,11 +39,19 @@ MAX_PENDING = 256  # survivor batches merged at the latest (each holds its parti
 NO_FLOOR = np.iinfo(np.int32).min  # a unit with fewer than k rows admits every candidate
 
 
-def merge_partials(store: Store, records: Sequence[AttemptRef], k: int) -> pa.Table:
-    """The exact global top-k over every committed shard, streaming partials in order."""
-    reducer = GlobalTopK(k)
-    for table in _read_ahead(functools.partial(read_topk, store), records, store):
-        reducer.add(table)
+def merge_partials(
+    store: Store,
+    records: Sequence[AttemptRef],
+    k: int,
+    by: str = "image_id",
+    table: str = "topk",
+) -> pa.Table:
+    """The exact global top-k over every committed shard, streaming partials in order; rows
+    equal in column `by` count once (see topk.merge). `table`: the partial table merged."""
+    reducer = GlobalTopK(k, by=by)
+    read = functools.partial(read_topk, store, table=table)
+    for part in _read_ahead(read, records, store):
+        reducer.add(part)
     return conform(reducer.table(), "index")
 
 
@@ -55,10 +63,11 @@ def _read_ahead(
     return map(read, records) if store.local else prefetch(read, records, READERS, READ_AHEAD)
 
 
-def read_topk(store: Store, record: AttemptRef) -> pa.Table:
-    """The committed attempt's top-k partial with its string columns left dictionary-encoded:
-    decoding every row's strings would cost more than pruning them."""
-    return partials.read_table(store, record, "topk", read_dictionary=STRINGS)
+def read_topk(store: Store, record: AttemptRef, table: str = "topk") -> pa.Table:
+    """The committed attempt's top-k partial (or another table of its schema) with its string
+    columns left dictionary-encoded: decoding every row's strings would cost more than pruning
+    them."""
+    return partials.read_table(store, record, table, read_dictionary=STRINGS)
 
 
 class GlobalTopK:
@@ -74,10 +83,17 @@ class GlobalTopK:
     k ln N rows per unit survive.
     """
 
-    def __init__(self, k: int, min_pending: int = MIN_PENDING, max_pending: int = MAX_PENDING):
+    def __init__(
+        self,
+        k: int,
+        min_pending: int = MIN_PENDING,
+        max_pending: int = MAX_PENDING,
+        by: str = "image_id",
+    ):
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         self.k = k
+        self.by = by  # rows equal in this column count once (topk.merge)
         self.min_pending = min_pending  # rows
         self.max_pending = max_pending  # batches
         self.state = empty("partial")
@@ -147,7 +163,7 @@ class GlobalTopK:
 
     def _merge(self) -> None:
         survivors = pa.Table.from_batches(self.pending, candidates_schema())
-        self.state = merge([self.state, conform(survivors, "partial")], self.k)
+        self.state = merge([self.state, conform(survivors, "partial")], self.k, self.by)
         self.pending, self.pending_rows = [], 0
         self.merges += 1
         last = self.state.filter(pc.equal(self.state["rank"], self.k))  # each full unit's k-th
@@ -200,8 +216,10 @@ def write_images(root: Store, records: Sequence[AttemptRef], target: Store) -> t
 UNITS_PER_ROW_GROUP = 256  # an index file's row groups: a filter on `unit` reads one of them
 
 
-def write_index(store: Store, index: pa.Table, layers: tuple[str, ...]) -> list[str]:
-    """Write one Parquet file per layer under index/; return their relative paths.
+def write_index(
+    store: Store, index: pa.Table, layers: tuple[str, ...], folder: str = INDEX_DIR
+) -> list[str]:
+    """Write one Parquet file per layer under `folder`/; return their relative paths.
 
     Rows are sorted by unit and rank, in row groups of UNITS_PER_ROW_GROUP units, so a pandas
     or pyarrow filter on `unit` (or on `layer`, across the folder) reads only matching groups.
@@ -211,7 +229,7 @@ def write_index(store: Store, index: pa.Table, layers: tuple[str, ...]) -> list[
         rows = index.filter(pc.equal(index["layer"], layer))
         rows = rows.sort_by([("unit", "ascending"), ("rank", "ascending")])
         per_unit = int(pc.max(rows["rank"]).as_py() or 1) if rows.num_rows else 1
-        rel = index_file(layer)
+        rel = layer_file(folder, layer)
         store.write_parquet(rel, rows, row_group_size=UNITS_PER_ROW_GROUP * per_unit)
         paths.append(rel)
     return paths

@@ -11,10 +11,14 @@ per unit (k plus a buffer). Against the previous version (LATEST, or a plain `in
 - containers (tar or Parquet files of images) are reindexed whole: an unchanged file keeps its
   shard and partial, a new or rewritten one is indexed, a removed one's shard is dropped.
 
-Changed weights mean a full index; changed layers, k, buffer, preprocessing or data source need
-`--full`. The result always equals a from-scratch index of today's data (tests/test_reindex.py).
-A lock keeps two runs off one OUT; a killed run leaves LATEST on the previous version and a rerun
-resumes from the committed partials.
+Changed weights mean a full index; changed layers, k, buffer, preprocessing, data source,
+precision, distinct mode, near, stats, bottom or samples need `--full`. Derived partials need
+the top-k alone (no stats, bottom or perceptual index: those shards are recomputed, see
+`derivable`), and with distinct content no removed image may share its bytes with one that
+stays; statistics of reused shards are reused, so they stay exact. The result always equals a
+from-scratch index of today's data (tests/test_reindex.py). A lock keeps two runs off one OUT;
+a killed run leaves LATEST on the previous version and a rerun resumes from the committed
+partials.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.config import IndexConfig
+from pipeline.config import LEGACY, IndexConfig
 from pipeline.dataset.containers import READ_FAILED, container_of
 from pipeline.dataset.refs import CONTAINER_KEY, ImageRef, Shard, shard_of
 from pipeline.errors import ConfigError
+from pipeline.index.distinct import NEAR, by_column
 from pipeline.index.plan import Plan, check_out, plan, write_run_file
 from pipeline.index.run import execute
 from pipeline.index.topk import merge
@@ -40,8 +45,8 @@ from pipeline.store.partials import AttemptRef, ShardReport
 from pipeline.store.storage import Store
 from pipeline.store.versions import Previous
 
-COMPARED = ("model", "layers", "k", "buffer", "preprocess", "data", "precision")  # need --full
-BEFORE = {"precision": "auto"}  # settings of versions written before the setting existed
+COMPARED = ("model", "layers", "k", "buffer", "preprocess", "data", "precision", *LEGACY, "near")
+BEFORE = {"precision": "auto", **LEGACY, "near": NEAR}  # settings before the setting existed
 
 
 @dataclass
@@ -220,11 +225,16 @@ def derive(p: Plan, root: Store, record: AttemptRef, shard: Shard, gone: set[str
     """Commit `shard`'s partial as the previous partial minus `gone`, if that is still exact."""
     if partials.read_commit(root, shard.key, p.run_fingerprint) is not None:
         return True  # committed by an earlier, interrupted run of this reindex
+    if not derivable(p.cfg):
+        return False
     topk = partials.read_table(root, record, "topk")
     images = partials.read_table(root, record, "images")
     keep = pa.array([i not in gone for i in topk["image_id"].to_pylist()], pa.bool_())
     topk = topk.filter(keep)
-    images = images.filter(pa.array([i not in gone for i in images["image_id"].to_pylist()]))
+    stay = pa.array([i not in gone for i in images["image_id"].to_pylist()])
+    if p.cfg.distinct != "id" and _content_stays(images, stay):
+        return False  # a removed image's content stays under another id: its row is unknown
+    images = images.filter(stay)
     good = images["error"].null_count  # images indexed (no error)
     need = min(p.cfg.k, good)
     if need and not _deep_enough(topk, p.shapes, need):
@@ -239,9 +249,24 @@ def derive(p: Plan, root: Store, record: AttemptRef, shard: Shard, gone: set[str
         rows=topk.num_rows,
         derived_from=record["shard"],
     )
-    topk = merge([topk], p.cfg.depth)  # re-rank 1..n within the shard
+    topk = merge([topk], p.cfg.depth, by_column(p.cfg.distinct))  # re-rank 1..n in the shard
     partials.write(root, shard.key, partials.new_attempt(), p.run_fingerprint, topk, images, report)
     return True
+
+
+def _content_stays(images: pa.Table, stay: pa.Array) -> bool:
+    """Whether a removed image shares its content hash with an image that stays."""
+    hashes = images["image_hash"].to_pylist()
+    kept = {h for h, keep in zip(hashes, stay.to_pylist(), strict=True) if keep and h}
+    return any(h in kept for h, keep in zip(hashes, stay.to_pylist(), strict=True) if not keep)
+
+
+def derivable(cfg: IndexConfig) -> bool:
+    """Whether a partial minus removed images can stay exact: not with statistics (a sketch,
+    a minimum cannot forget an image), a bottom (not kept deeper than K), samples (a derived
+    partial would lack their table) or a perceptual index (needs each shard's full top-depth
+    contents); those shards are recomputed."""
+    return not (cfg.stats or cfg.bottom or cfg.samples) and cfg.distinct != "perceptual"
 
 
 def _deep_enough(topk: pa.Table, shapes: dict[str, tuple[int, ...]], need: int) -> bool:

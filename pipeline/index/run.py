@@ -25,12 +25,23 @@ from pipeline.cluster.pool import Pool
 from pipeline.config import IndexConfig
 from pipeline.dataset.refs import Shard
 from pipeline.errors import DataError
+from pipeline.index.distinct import by_column
 from pipeline.index.map import ShardIndexer
 from pipeline.index.plan import Plan, check_out, plan, write_run_file
 from pipeline.index.reduce import merge_partials, write_images, write_index
+from pipeline.index.reduce_extra import (
+    bottom_index,
+    merge_stats,
+    perceptual_index,
+    samples_index,
+    write_samples,
+    write_stats,
+)
+from pipeline.index.samples import manifest_section
+from pipeline.index.stats import EDGES, PROBABILITIES, RANK_ERROR, SKETCH_K
 from pipeline.progress import Progress
 from pipeline.store import partials
-from pipeline.store.layout import ERRORS, IMAGES, MANIFEST
+from pipeline.store.layout import BOTTOM_DIR, ERRORS, IMAGES, MANIFEST
 from pipeline.store.partials import CommitRecord
 from pipeline.store.schemas import VERSIONS
 from pipeline.store.storage import Store
@@ -82,11 +93,20 @@ def execute(
     target.remove(MANIFEST)  # rewriting the outputs: OUT is incomplete until the new manifest
     total, bad = write_images(root, ordered, target)
     check_bad_fraction(p.cfg, target, total, bad)
-    index_table = merge_partials(root, ordered, p.cfg.k)
-    files = write_index(target, index_table, p.cfg.layers)
+    cfg = p.cfg
+    short = None
+    if cfg.distinct == "perceptual":
+        index_table, short = perceptual_index(root, ordered, cfg)
+    else:
+        index_table = merge_partials(root, ordered, cfg.k, by_column(cfg.distinct))
+    files = write_index(target, index_table, cfg.layers)
     manifest = _manifest(p, ordered, files, index_table.num_rows, total, bad)
     manifest["counts"]["computed_shards"] = len(todo)
     manifest["pool"] = pool_sizes  # actors up over the map's time, at every change
+    manifest["distinct"] = {"mode": cfg.distinct, "by": by_column(cfg.distinct)}
+    if short is not None:
+        manifest["distinct"].update(near=cfg.near, depth=cfg.depth, perceptual_short=short)
+    reduce_extra(cfg, root, target, ordered, manifest)
     manifest["timings"] = {
         "map_seconds": round(map_seconds, 3),
         "reduce_seconds": round(time.time() - reduce_started, 3),
@@ -95,6 +115,31 @@ def execute(
     target.write_json(MANIFEST, manifest)
     progress.finish(manifest)
     return manifest
+
+
+def reduce_extra(
+    cfg: IndexConfig, root: Store, target: Store, records: list[CommitRecord], manifest: dict
+) -> None:
+    """Write what the run keeps beyond the top-k (samples, bottom, stats) into `target` and
+    describe it in `manifest`."""
+    if cfg.samples:
+        table = samples_index(root, records, cfg)
+        manifest["outputs"]["samples"] = write_samples(target, table, cfg.layers)
+        manifest["samples"] = manifest_section(cfg.samples)
+        manifest["counts"]["sample_rows"] = table.num_rows
+    if cfg.bottom:
+        bottom = bottom_index(root, records, cfg)
+        manifest["outputs"]["bottom"] = write_index(target, bottom, cfg.layers, BOTTOM_DIR)
+        manifest["counts"]["bottom_rows"] = bottom.num_rows
+    if cfg.stats:
+        merged = merge_stats(root, records)
+        manifest["outputs"]["stats"] = write_stats(target, merged, cfg.layers)
+        manifest["stats"] = {
+            "probabilities": list(PROBABILITIES),
+            "sketch": f"datasketches kll_floats_sketch k={SKETCH_K}",
+            "rank_error": RANK_ERROR,
+            "histogram_edges": EDGES.tolist(),
+        }
 
 
 def _committed(record: CommitRecord | None) -> CommitRecord:
@@ -181,11 +226,13 @@ def map_shards(
     units = {name: shape[0] for name, shape in p.shapes.items()}
     args = (p.cfg, p.run_fingerprint, p.model_fingerprint)
     cfg = p.cfg
+    listed = len(p.refs)
     with Pool(ShardIndexer, args, cfg.workers, cfg.decode_threads, len(todo), cfg.worker_wait,
               cfg.gpus, in_flight=SHARDS_IN_FLIGHT) as pool:  # fmt: skip
         try:
             yield from pool.map(
-                "index_shard", todo, call=lambda s: (s, units), name=lambda s: f"shard {s.key}"
-            )
+                "index_shard", todo, call=lambda s: (s, units, listed),
+                name=lambda s: f"shard {s.key}",
+            )  # fmt: skip
         finally:
             pool_sizes[:] = pool.history

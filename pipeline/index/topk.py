@@ -2,18 +2,23 @@
 
 The order is total, so every result is deterministic: activation descending, then `image_id`
 ascending. Each image contributes one candidate per unit (its spatial maximum), so a unit's
-top-k always holds distinct images.
+top-k always holds distinct images; with a distinct key other than `image_id` (the content
+hash, `--distinct content`) it holds one row per key: the key's best row in the total order.
 
 - `RunningTopK` keeps a (units, k) state on the model's device and folds in one batch of spatial
   maxima at a time without a host sync. Images are identified by their position in the shard;
   shards list images sorted by `image_id`, so position order is `image_id` order. Each candidate
-  is one int64 key encoding (activation, position), so one `topk` per batch is exact.
+  is one int64 key encoding (activation, position), so one `topk` per batch is exact. With
+  `distinct=True` each image also carries an ident (the position of the shard's first image of
+  the same content); a batch holding a repeated ident keeps only each ident's best candidate.
 - `merge` combines any number of partial top-k tables (Arrow) into one. It is exact, associative
   and commutative, and idempotent (a duplicated partial changes nothing): every sharding and every
   grouping of partials gives the same index.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -53,23 +58,57 @@ EMPTY = int(encode(torch.tensor(float("-inf")), torch.tensor(MAX_POSITION)))  # 
 
 
 class RunningTopK:
-    """Per-unit top-k over a stream of (B, U) batches, kept on one device."""
+    """Per-unit top-k over a stream of (B, U) batches, kept on one device.
 
-    def __init__(self, units: int, k: int, device: torch.device | str = "cpu"):
+    With `distinct`, `add` takes each image's ident and the state keeps one row per ident.
+    Exact: a repeated ident within the shard always arrives after its first image (positions
+    ascend), so only a batch holding a repeat can collide with the state, and that batch takes
+    the slow path (one sort by key, one by ident) that keeps each ident's best candidate.
+    """
+
+    def __init__(
+        self, units: int, k: int, device: torch.device | str = "cpu", distinct: bool = False
+    ):
         self.k = k
         self.keys = torch.full((units, k), EMPTY, dtype=torch.int64, device=device)  # (U, k)
         self.ys = torch.zeros((units, k), dtype=torch.int64, device=device)  # (U, k)
         self.xs = torch.zeros((units, k), dtype=torch.int64, device=device)  # (U, k)
+        self.idents = (  # (U, k) the ident of each kept row; -1 in empty slots
+            torch.full((units, k), -1, dtype=torch.int64, device=device) if distinct else None
+        )
 
-    def add(self, values: Tensor, positions: Tensor, ys: Tensor, xs: Tensor) -> None:
-        """Fold in a batch: `values`, `ys`, `xs` are (B, U); `positions` (B,) in the stream."""
+    def add(
+        self,
+        values: Tensor,
+        positions: Tensor,
+        ys: Tensor,
+        xs: Tensor,
+        idents: Tensor | None = None,
+        repeats: bool = False,
+    ) -> None:
+        """Fold in a batch: `values`, `ys`, `xs` are (B, U); `positions` (B,) in the stream.
+
+        `idents` (B,) is required with `distinct` (each image's ident: its own position, or the
+        position of the shard's first image with the same content); `repeats` says whether any
+        ident differs from its position (the caller knows on the host: no device sync here).
+        """
         keys = encode(values, positions[:, None])  # (B, U)
         candidates = torch.cat([self.keys, keys.T], dim=1)  # (U, k + B)
-        self.keys, keep = candidates.topk(self.k, dim=1)  # (U, k), (U, k): best first
+        if self.idents is None:
+            self.keys, keep = candidates.topk(self.k, dim=1)  # (U, k), (U, k): best first
+        else:
+            assert idents is not None, "a distinct RunningTopK needs each image's ident"
+            ident = torch.cat([self.idents, idents[None, :].expand(len(self.keys), -1)], dim=1)
+            if repeats:
+                candidates = _best_per_ident(candidates, ident)  # (U, k + B)
+            self.keys, keep = candidates.topk(self.k, dim=1)  # (U, k), (U, k): best first
+            self.idents = ident.gather(1, keep)  # (U, k)
         self.ys = torch.cat([self.ys, ys.T], dim=1).gather(1, keep)  # (U, k)
         self.xs = torch.cat([self.xs, xs.T], dim=1).gather(1, keep)  # (U, k)
 
-    def table(self, layer: str, image_ids: list[str], image_hashes: list[str]) -> pa.Table:
+    def table(
+        self, layer: str, image_ids: Sequence[str | None], image_hashes: Sequence[str | None]
+    ) -> pa.Table:
         """The state as partial rows (layer, unit, rank, activation, image_id, image_hash, y, x)."""
         keys = self.keys.cpu()
         values, positions = (t.numpy() for t in decode(keys))  # (U, k), (U, k)
@@ -91,12 +130,30 @@ class RunningTopK:
         )
 
 
-def merge(tables: list[pa.Table], k: int) -> pa.Table:
-    """Merge partial top-k tables into one: each (layer, unit) keeps its k best distinct images.
+def _best_per_ident(keys: Tensor, idents: Tensor) -> Tensor:
+    """`keys` (U, n) with every candidate but the best of each ident (per row) set to EMPTY."""
+    ordered, order = keys.sort(dim=1, descending=True)  # (U, n), (U, n): best first
+    ident = idents.gather(1, order)  # (U, n) in key order
+    by_ident, regroup = ident.sort(dim=1, stable=True)  # (U, n): equal idents, best first
+    first = torch.ones_like(by_ident, dtype=torch.bool)  # (U, n)
+    first[:, 1:] = by_ident[:, 1:] != by_ident[:, :-1]
+    best = torch.zeros_like(first).scatter_(1, regroup, first)  # (U, n) in key order
+    kept = torch.where(best, ordered, torch.full_like(ordered, EMPTY))  # (U, n)
+    return torch.empty_like(keys).scatter_(1, order, kept)  # (U, n) back in input order
+
+
+def negated(table: pa.Table) -> pa.Table:
+    """`table` with its activations negated: the bottom kept as the top of -activation, and back."""
+    column = table.schema.get_field_index("activation")
+    return table.set_column(column, table.schema.field(column), pc.negate(table["activation"]))
+
+
+def merge(tables: list[pa.Table], k: int, by: str = "image_id") -> pa.Table:
+    """Merge partial top-k tables into one: each (layer, unit) keeps its k best distinct rows.
 
     Rows are ordered by one int64 key per row, (layer, unit) group then activation descending,
-    with image_id breaking ties; an image seen twice in a group keeps its best row. Only the
-    kept rows' strings are ever copied.
+    with image_id breaking ties; rows equal in column `by` (`image_id`: one image; `image_hash`:
+    one content) keep only their best row. Only the kept rows' strings are ever copied.
     """
     table = pa.concat_tables(tables)
     if table.num_rows == 0:
@@ -106,7 +163,8 @@ def merge(tables: list[pa.Table], k: int) -> pa.Table:
     image = _sorted_codes(table["image_id"])  # (N,) ordered like image_id
     key = (group << 32) | _descending(table["activation"].to_numpy())  # (N,)
     order = _total_order(key, image)  # (N,)
-    pair = group * (int(image.max()) + 1) + image  # (N,) one code per (group, image)
+    ident = image if by == "image_id" else _sorted_codes(table[by])  # (N,) the distinct key
+    pair = group * (int(ident.max()) + 1) + ident  # (N,) one code per (group, ident)
     order = order[_not_repeated(pair[order])]  # a partial seen twice: its rows sort together
     rank = _rank_in_runs(group[order])
     if _has_repeats(pair[order[rank <= k]]):  # an image twice in a top-k with other values

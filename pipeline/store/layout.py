@@ -2,9 +2,13 @@
 
     OUT/run.json                          the run's fingerprint and config (index: first write)
     OUT/partials/<shard>/<attempt>/topk.parquet, images.parquet   one map attempt's tables
+                                          (and bottom, stats, phash, samples.parquet if kept)
     OUT/partials/<shard>/_COMMIT.json     names the attempt that counts (written last)
     OUT/manifest.json                     written last: its presence means the index is complete
     OUT/index/<layer>.parquet             the nine-best index (schema index.v1)
+    OUT/stats/<layer>.parquet             per-unit statistics (--stats on, schema stats.v1)
+    OUT/bottom/<layer>.parquet            the bottom-K (--bottom K, schema index.v1)
+    OUT/samples/<layer>.parquet           examples across the range (--samples, schema samples.v1)
     OUT/images.parquet, OUT/errors.parquet every listed image; the skipped ones and why
     OUT/versions/<run-id>/...             a reindex's immutable version: the files above, plus
                                           report.parquet and drift.parquet
@@ -28,6 +32,9 @@ MANIFEST = "manifest.json"
 IMAGES = "images.parquet"
 ERRORS = "errors.parquet"
 INDEX_DIR = "index"
+STATS_DIR = "stats"
+BOTTOM_DIR = "bottom"
+SAMPLES_DIR = "samples"
 REPORT = "report.parquet"
 DRIFT = "drift.parquet"
 
@@ -50,7 +57,12 @@ SAFE_PATH = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]*/)*[A-Za-z0-9_][A-Za-z0-9
 
 def index_file(layer: str) -> str:
     """OUT/index/<layer>.parquet: the layer's dotted name as torch spells it."""
-    return f"{INDEX_DIR}/{layer}.parquet"
+    return layer_file(INDEX_DIR, layer)
+
+
+def layer_file(folder: str, layer: str) -> str:
+    """OUT/<folder>/<layer>.parquet: one layer's file of a per-layer output (index, stats, ...)."""
+    return f"{folder}/{layer}.parquet"
 
 
 def partial_commit(shard_key: str) -> str:
@@ -62,7 +74,7 @@ def partial_folder(shard_key: str, attempt: str) -> str:
 
 
 def partial_table(shard_key: str, attempt: str, table: str) -> str:
-    """One table ('topk' or 'images') of one attempt."""
+    """One table ('topk', 'images', or an optional one: partials.EXTRA) of one attempt."""
     return posixpath.join(PARTIALS, shard_key, attempt, f"{table}.parquet")
 
 

@@ -4,6 +4,9 @@ An attempt at shard S writes its tables under `partials/S/<attempt>/`, then publ
 `partials/S/_COMMIT.json`, one small atomic write that names the attempt, the run fingerprint and
 the shard's counts. Readers only ever follow a commit record, so files of a dead or duplicate
 attempt are never read and no shard is counted twice; a commit of another run is ignored.
+Besides `topk` and `images`, an attempt holds the optional tables its run keeps (EXTRA: bottom,
+stats, phash, samples), listed in the record under "tables"; partials written before they
+existed hold none and still read.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class ShardReport(TypedDict):
     node: NotRequired[str]  # the Ray node id that computed it (runtime context's get_node_id)
     actor: NotRequired[str]  # the Ray actor id that computed it
     derived_from: NotRequired[str]  # reindex: the previous shard this partial was cut from
+    sample_threshold: NotRequired[int]  # --samples: the priority threshold of the sample S
 
 
 class AttemptRef(TypedDict):
@@ -46,10 +50,19 @@ class AttemptRef(TypedDict):
     shard: str  # the shard key
     attempt: str  # the attempt folder holding the tables
     run: str  # the run fingerprint that wrote them
+    tables: NotRequired[list[str]]  # the optional tables (EXTRA) it holds; absent: none
 
 
 class CommitRecord(ShardReport, AttemptRef):
     """OUT/partials/<shard>/_COMMIT.json: the attempt that counts for a shard, and its report."""
+
+
+EXTRA = {  # optional partial tables -> their schema
+    "bottom": "partial",  # the shard's bottom rows per unit (rank 1 the lowest)
+    "stats": "stats_state",  # per-unit running statistics and quantile sketches
+    "phash": "phash",  # pHash of each content in topk (--distinct perceptual)
+    "samples": "samples_state",  # the shard's images of the uniform sample S, every unit
+}
 
 
 def new_attempt() -> str:
@@ -64,14 +77,23 @@ def write(
     topk: pa.Table,
     images: pa.Table,
     report: ShardReport,
+    extra: dict[str, pa.Table] | None = None,
 ) -> CommitRecord:
-    """Write one attempt's tables, then its commit record; return the record."""
+    """Write one attempt's tables, then its commit record; return the record.
+
+    `extra` holds the optional tables (EXTRA: name -> schema) of runs that keep them; the
+    record lists them under "tables" (absent: a partial of topk and images only).
+    """
     stamp = {RUN_KEY: run_fingerprint.encode()}
-    for name, table, schema_name in (("topk", topk, "partial"), ("images", images, "images")):
+    tables = [("topk", topk, "partial"), ("images", images, "images")]
+    tables += [(name, table, EXTRA[name]) for name, table in sorted((extra or {}).items())]
+    for name, table, schema_name in tables:
         table = conform(table, schema_name)
         table = table.replace_schema_metadata({**table.schema.metadata, **stamp})
         store.write_parquet(partial_table(shard_key, attempt, name), table)
     record = CommitRecord(**report, shard=shard_key, attempt=attempt, run=run_fingerprint)
+    if extra:
+        record["tables"] = sorted(extra)
     store.write_json(partial_commit(shard_key), record)
     return record
 
@@ -90,12 +112,18 @@ def read_commit(store: Store, shard_key: str, run_fingerprint: str) -> CommitRec
 def read_table(
     store: Store, record: AttemptRef, table: str, read_dictionary: list[str] | None = None
 ) -> pa.Table:
-    """Read the committed attempt's `topk` or `images` table (one GET: partials are small).
+    """Read the committed attempt's `topk`, `images` or one of its EXTRA tables (one GET:
+    partials are small).
 
     `read_dictionary` names string columns to keep dictionary-encoded, as Parquet stores them
     (the reduce decodes only the strings of rows it keeps).
     """
-    assert table in ("topk", "images"), table
+    assert table in ("topk", "images", *EXTRA), table
+    if table in EXTRA and table not in record.get("tables", []):
+        raise DataError(
+            f"the partial of shard {record['shard']!r} has no {table} table (written by a run "
+            f"without it); rerun with --full to compute it"
+        )
     rel = partial_table(record["shard"], record["attempt"], table)
     raw = pa.BufferReader(store.read_bytes(rel))
     data = pq.ParquetFile(raw, read_dictionary=read_dictionary).read()

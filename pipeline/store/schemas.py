@@ -17,7 +17,25 @@ import pyarrow as pa
 
 SCHEMA_DIR = Path(str(importlib.resources.files("schemas")))  # the top-level schemas/ package
 # what this code writes
-VERSIONS = {"index": 1, "partial": 1, "images": 2, "errors": 1, "export": 1}
+VERSIONS = {
+    "index": 1,
+    "partial": 1,
+    "images": 2,
+    "errors": 1,
+    "export": 1,
+    "stats": 1,
+    "stats_state": 1,
+    "phash": 1,
+    "samples": 1,
+    "samples_state": 1,
+}
+
+
+def arrow_type(name: str) -> pa.DataType:
+    """An Arrow type from its alias, with `list<T>` for lists."""
+    if name.startswith("list<") and name.endswith(">"):
+        return pa.list_(arrow_type(name[5:-1]))
+    return pa.type_for_alias(name)
 
 
 @functools.cache
@@ -30,7 +48,7 @@ def schema(name: str) -> pa.Schema:
     fields = [
         pa.field(
             f["name"],
-            pa.type_for_alias(f["type"]),
+            arrow_type(f["type"]),
             nullable=f["nullable"],
             metadata={"doc": f["doc"]},
         )

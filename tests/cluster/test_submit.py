@@ -220,7 +220,9 @@ def test_index_job_succeeds_and_its_index_equals_the_oracle(index_job, photos):
     outputs = oracle.activations(
         model, ["conv2", "fc"], torch.stack([oracle.load(p) for p in paths])
     )
-    oracle.compare(index.to_dict("records"), outputs, ids, k=9)
+    oracle.compare(
+        index.to_dict("records"), outputs, ids, k=9, hashes=oracle.content_hashes(photos, ids)
+    )
 
 
 def test_nightly_reindex_jobs_equal_a_from_scratch_index(head, job_files, photos, tmp_path):

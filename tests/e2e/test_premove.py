@@ -44,12 +44,13 @@ def placed() -> Path:
     shutil.rmtree(PLACE, ignore_errors=True)
 
 
-def config(out: Path) -> IndexConfig:
-    """The flags make.py ran with."""
+def config(out: Path, **kw) -> IndexConfig:
+    """The flags make.py ran with; `--distinct id --stats off` are what ninebest did then."""
     return IndexConfig(
         model="tiny_models:tiny", weights=str(PLACE / "weights.pt"), data=str(PLACE / "data"),
         out=str(out), layers=("conv2", "fc"), k=3, shard_size=3, batch_size=2, workers=1,
         max_bad_fraction=0.5, preprocess=Preprocess(resize=32, crop=32),
+        **{"distinct": "id", "stats": False, **kw},
     )  # fmt: skip
 
 
@@ -91,3 +92,17 @@ def test_export_reads_an_old_index(placed, tmp_path):
     assert rows.error.isna().all(), rows[rows.error.notna()]
     assert summary["counts"]["activation_mismatches"] == 0
     assert (out / "export" / "atlas" / "index.html").exists()
+
+
+def test_todays_defaults_on_an_old_out_say_how_to_resume(placed, tmp_path):
+    """Distinct content and statistics change the run: refused, naming the old settings."""
+    from pipeline.errors import ConfigError, DataError
+
+    out = old_out(tmp_path, "out")
+    hint = r"distinct.*differ.*--distinct id --stats off"
+    with pytest.raises(DataError, match=hint):
+        index(config(out, distinct="content", stats=True), QUIET)
+    with pytest.raises(ConfigError, match=r"changes distinct, stats, samples .*--full"):
+        reindex(
+            config(old_out(tmp_path, "versioned"), distinct="content", stats=True), progress=QUIET
+        )

@@ -2,7 +2,8 @@
 
 Images are decoded with PIL and preprocessed with torchvision's own transforms; plain forward
 hooks clone every chosen layer's output; each unit's images are sorted by (activation
-descending, image_id ascending) in Python.
+descending, image_id ascending) in Python. Given each image's content hash (`--distinct content`,
+the default), only the first row of each content in that order is kept.
 """
 
 from __future__ import annotations
@@ -50,8 +51,18 @@ def activations(model, layers, images: torch.Tensor, batch: int = 16) -> dict[st
     return {name: torch.cat(chunks) for name, chunks in outputs.items()}
 
 
-def top_k(outputs: dict[str, torch.Tensor], ids: list[str], k: int) -> dict:
-    """{(layer, unit): [(image_id, activation, y, x), ...]} by brute force."""
+def content_hashes(root: Path, ids: list[str]) -> list[str]:
+    """sha256 of each image file's bytes (the content the index dedupes by)."""
+    import hashlib
+
+    return [hashlib.sha256((root / i).read_bytes()).hexdigest() for i in ids]
+
+
+def top_k(
+    outputs: dict[str, torch.Tensor], ids: list[str], k: int, hashes: list[str] | None = None
+) -> dict:
+    """{(layer, unit): [(image_id, activation, y, x), ...]} by brute force; one row per hash
+    when `hashes` are given."""
     result = {}
     for layer, out in outputs.items():
         if out.dim() == 2:
@@ -64,19 +75,32 @@ def top_k(outputs: dict[str, torch.Tensor], ids: list[str], k: int) -> dict:
                 pos = int(np.argmax(flat[i, unit]))  # first maximum, row-major
                 rows.append((float(flat[i, unit, pos]), ids[i], pos // w, pos % w))
             rows.sort(key=lambda r: (-r[0], r[1]))
+            if hashes is not None:
+                content = dict(zip(ids, hashes, strict=True))
+                seen: set[str] = set()
+                rows = [r for r in rows if not (content[r[1]] in seen or seen.add(content[r[1]]))]
             result[(layer, unit)] = [(r[1], r[0], r[2], r[3]) for r in rows[:k]]
     return result
 
 
-def compare(index_rows: list[dict], outputs: dict[str, torch.Tensor], ids: list[str], k: int):
-    """Assert the index equals the brute-force top-k of `outputs`.
+def compare(
+    index_rows: list[dict],
+    outputs: dict[str, torch.Tensor],
+    ids: list[str],
+    k: int,
+    hashes: list[str] | None = None,
+):
+    """Assert the index equals the brute-force top-k of `outputs` (one row per hash if given;
+    then any image of the oracle's content may stand for it: identical files get activations
+    apart by batch noise, and the stronger represents them).
 
     Image ids, ranks and positions must match exactly, activations within float tolerance. A
     batched forward pass is not bit-identical across batch compositions, so two images (or two
     positions) whose activations differ by less than that noise may legitimately swap; such
     near-ties are allowed, and their activations must still agree with the oracle.
     """
-    expected = top_k(outputs, ids, k)
+    expected = top_k(outputs, ids, k, hashes)
+    content = dict(zip(ids, hashes, strict=True)) if hashes is not None else {}
     got: dict = {}
     for row in index_rows:
         got.setdefault((row["layer"], row["unit"]), []).append(row)
@@ -89,6 +113,8 @@ def compare(index_rows: list[dict], outputs: dict[str, torch.Tensor], ids: list[
         for row, (image_id, value, y, x) in zip(rows, want, strict=True):
             tol = 1e-4 * max(1.0, abs(value))
             assert abs(row["activation"] - value) <= tol, (layer, unit, row, value)
+            if content and content.get(row["image_id"]) == content[image_id]:
+                image_id = row["image_id"]  # identical bytes, activations apart by batch noise
             if (row["image_id"], row["y"], row["x"]) != (image_id, y, x):
                 swaps += 1
                 i = ids.index(row["image_id"])

@@ -97,3 +97,37 @@ def test_two_shards_in_flight_compute_what_each_computes_alone(tiny_worker, data
     for shard, record in zip(order, records, strict=True):
         pd.testing.assert_frame_equal(partial(worker, record), solo[shard.key])
         assert 0 < record["device_seconds"] <= record["seconds"]
+
+
+def test_perceptual_shard_keeps_the_phash_of_each_content_and_the_statistics(photos, tmp_path):
+    """--distinct perceptual: the partial's phash table holds imagehash's pHash of every content
+    in its top-k; the stats and samples tables are written beside it."""
+    from PIL import Image, ImageOps
+
+    from pipeline.index.distinct import phash
+
+    cfg = IndexConfig(
+        model="tiny_models:tiny", data=str(photos), layers=("conv2", "fc"), out=str(tmp_path),
+        k=3, batch_size=5, distinct="perceptual", near=4, bottom=2,
+    )  # fmt: skip
+    shard = plan_shards(list_images(cfg.data), 256)[0]
+    worker = ShardIndexer(cfg, "run", load_model(cfg.model).fingerprint, threads=1)
+    record = worker.index_shard(shard, {"conv2": 6, "fc": 5})
+    assert record["tables"] == ["bottom", "phash", "samples", "stats"]
+    store = Store(str(tmp_path))
+    topk = read_table(store, record, "topk")
+    phashes = read_table(store, record, "phash").to_pydict()
+    assert set(phashes["image_hash"]) == set(topk["image_hash"].to_pylist())
+    by_hash = dict(zip(phashes["image_hash"], phashes["phash"], strict=True))
+    for row in topk.to_pylist()[:5]:
+        with Image.open(photos / row["image_id"]) as image:
+            assert by_hash[row["image_hash"]] == phash(
+                ImageOps.exif_transpose(image).convert("RGB")
+            )
+    assert len(set(topk["image_hash"].to_pylist())) < len(shard.refs)
+    stats = read_table(store, record, "stats")
+    assert stats["count"].to_pylist() == [record["indexed"]] * 11
+    bottom = read_table(store, record, "bottom").to_pylist()
+    assert all(row["rank"] <= 2 for row in bottom)
+    first = [r for r in bottom if (r["layer"], r["unit"]) == ("fc", 0)]
+    assert first[0]["activation"] <= first[1]["activation"]  # rank 1 the lowest

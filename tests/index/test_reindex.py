@@ -65,18 +65,37 @@ def edit(data: Path, top: pd.DataFrame) -> dict:
     return {"removed": removed, "rewritten": rewritten}
 
 
-def test_incremental_reindex_equals_scratch_and_recomputes_little(data, tmp_path, capsys):
+def latest_output(out: Path, folder: str) -> pd.DataFrame:
+    return pd.read_parquet(out / "versions" / latest(Store(str(out))) / folder)
+
+
+# statistics off: shards that lost images are derived; on (with a bottom): they are recomputed,
+# reused shards keep their statistics, and every output still equals a from-scratch index
+SETTINGS = [{"stats": False}, {"bottom": 2}]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=["derived", "stats-and-bottom"])
+def test_incremental_reindex_equals_scratch_and_recomputes_little(data, tmp_path, settings):
     out = tmp_path / "out"
-    first = reindex(config(data, out), progress=QUIET)
+    first = reindex(config(data, out, **settings), progress=QUIET)
     assert first["mode"] == "full" and first["previous"] is None
-    pd.testing.assert_frame_equal(latest_index(out), scratch(data, tmp_path))
+    pd.testing.assert_frame_equal(latest_index(out), scratch(data, tmp_path, **settings))
     changes = edit(data, latest_index(out))
-    second = reindex(config(data, out), progress=QUIET)
+    second = reindex(config(data, out, **settings), progress=QUIET)
     assert second["mode"] == "incremental"
     assert (second["images_new"], second["images_changed"], second["images_removed"]) == (3, 1, 2)
-    assert second["shards_reused"] >= 4 and second["shards_computed"] <= 3
-    assert second["shards_derived"] >= 1
-    pd.testing.assert_frame_equal(latest_index(out), scratch(data, tmp_path))
+    assert second["shards_reused"] >= 4
+    assert second["shards_computed"] <= (3 if "stats" in settings else 6)  # derived or recomputed
+    assert (second["shards_derived"] >= 1) == ("stats" in settings)
+    fresh = tmp_path / "fresh"
+    index(config(data, fresh, **settings), QUIET)
+    pd.testing.assert_frame_equal(latest_index(out), pd.read_parquet(fresh / "index"))
+    for folder in ("stats", "bottom", "samples") if "bottom" in settings else ():
+        got, want = latest_output(out, folder), pd.read_parquet(fresh / folder)
+        if folder == "stats":  # sums merged in another order: equal up to rounding
+            np.testing.assert_allclose(got[["mean", "std"]], want[["mean", "std"]], rtol=1e-12)
+            got, want = got.drop(columns=["mean", "std"]), want.drop(columns=["mean", "std"])
+        pd.testing.assert_frame_equal(got, want)  # quantiles: 48 images, the sketches are exact
     drift = pd.read_parquet(out / "versions" / second["run_id"] / "drift.parquet")
     assert len(drift) == second["units_drifted"] > 0
     left = {i for ids in drift["left"] for i in ids}
@@ -169,3 +188,14 @@ def test_keep_prunes_old_versions_and_their_partials(data, tmp_path):
     }
     assert on_disk == used
     pd.testing.assert_frame_equal(latest_index(out), scratch(data, tmp_path))
+
+
+def test_only_a_plain_top_k_is_derived():
+    from pipeline.index.reindex import derivable
+
+    base = dict(model="m", data="/d", layers=("fc",), out="/o")
+    assert derivable(IndexConfig(**base, distinct="id", stats=False))
+    assert derivable(IndexConfig(**base, distinct="content", stats=False))
+    for kept in ({"stats": True}, {"stats": False, "samples": 2}, {"stats": False, "bottom": 1},
+                 {"stats": False, "distinct": "perceptual"}):  # fmt: skip
+        assert not derivable(IndexConfig(**base, **kept)), kept

@@ -80,10 +80,47 @@ def test_alexnet_index_equals_brute_force(alexnet_run, dirty_photos, alexnet_wei
     out, manifest = alexnet_run
     outputs, ids = oracle_outputs("alexnet", alexnet_weights, ALEXNET_LAYERS, dirty_photos)
     rows = pd.read_parquet(out / "index").to_dict("records")
-    oracle.compare(rows, outputs, ids, k=9)
+    oracle.compare(rows, outputs, ids, k=9, hashes=oracle.content_hashes(dirty_photos, ids))
+    assert manifest["distinct"] == {"mode": "content", "by": "image_hash"}
     assert manifest["counts"]["shards"] == 6 and manifest["counts"]["indexed"] == len(ids)
     assert manifest["layers"]["classifier.4"] == [4096]
     assert manifest["layers"]["features.10"] == [256, 13, 13]
+
+
+def test_statistics_samples_and_outputs_equal_the_oracle(
+    alexnet_run, dirty_photos, alexnet_weights
+):
+    """OUT/stats against numpy over the oracle's spatial maxima (duplicates included), and the
+    samples within their bands (48 images: every image sampled, ranks exact)."""
+    import numpy as np
+
+    from pipeline.index.samples import BANDS
+
+    out, manifest = alexnet_run
+    outputs, ids = oracle_outputs("alexnet", alexnet_weights, ALEXNET_LAYERS, dirty_photos)
+    assert manifest["stats"]["probabilities"][:2] == [0.001, 0.01]
+    for layer in ALEXNET_LAYERS:
+        out_map = outputs[layer]
+        maxima = (out_map.flatten(2).amax(2) if out_map.dim() == 4 else out_map).double().numpy()
+        stats = pd.read_parquet(out / "stats" / f"{layer}.parquet")
+        assert list(stats.unit) == list(range(maxima.shape[1]))
+        assert (stats["count"] == len(ids)).all()
+        scale = np.abs(maxima).max()
+        np.testing.assert_allclose(stats["mean"], maxima.mean(0), atol=1e-5 * scale)
+        np.testing.assert_allclose(stats["std"], maxima.std(0), atol=1e-4 * scale)
+        np.testing.assert_allclose(stats["max"], maxima.max(0), atol=1e-5 * scale)
+        np.testing.assert_allclose(stats["min"], maxima.min(0), atol=1e-5 * scale)
+        fire = (maxima > 1e-6 * scale).mean(0), (maxima > -1e-6 * scale).mean(0)
+        assert ((stats["fire_rate"] >= fire[0] - 1e-9) & (stats["fire_rate"] <= fire[1])).all()
+        samples = pd.read_parquet(out / "samples" / f"{layer}.parquet")
+        bands = dict((name, (lo, hi)) for name, lo, hi in BANDS)
+        for row in samples.itertuples():
+            column = maxima[:, row.unit]
+            tol = 1e-4 * scale
+            low = np.mean(column < row.activation - tol)
+            high = np.mean(column <= row.activation + tol)
+            lo, hi = bands[row.band]
+            assert low <= hi + 1e-9 and high >= lo - 1e-9, (layer, row)
 
 
 def test_corrupt_images_are_skipped_and_recorded(alexnet_run):
@@ -133,10 +170,13 @@ def test_resume_recomputes_only_missing_shards(alexnet_run, dirty_photos, alexne
 
 
 def test_resnet18_index_equals_brute_force(photos, resnet18_weights, tmp_path):
-    run(photos, tmp_path / "out", "torchvision:resnet18", resnet18_weights, RESNET_LAYERS)
+    run(
+        photos, tmp_path / "out", "torchvision:resnet18", resnet18_weights, RESNET_LAYERS,
+        distinct="id", stats=False,
+    )  # fmt: skip
     outputs, ids = oracle_outputs("resnet18", resnet18_weights, RESNET_LAYERS, photos)
     rows = pd.read_parquet(tmp_path / "out" / "index").to_dict("records")
-    oracle.compare(rows, outputs, ids, k=9)
+    oracle.compare(rows, outputs, ids, k=9)  # --distinct id: the one duplicate pair takes two
 
 
 def test_too_many_bad_images_fail_after_recording_them(dirty_photos, tmp_path):
@@ -160,3 +200,37 @@ def test_shards_of_different_precisions_are_not_merged():
     mixed = r"\(1 shards in bfloat16, 1 shards in float32\).*--precision"
     with pytest.raises(DataError, match=mixed):
         check_precisions([{"precision": "bfloat16"}, {"precision": "float32"}])
+
+
+def legacy_fingerprint(cfg: IndexConfig, model_fingerprint: str) -> str:
+    """run_fingerprint as ninebest computed it before --distinct, --stats and --bottom."""
+    import hashlib
+    import json
+
+    key = {
+        "model": cfg.model, "weights": model_fingerprint, "layers": list(cfg.layers), "k": cfg.k,
+        "depth": cfg.depth, "preprocess": cfg.to_json()["preprocess"],
+        "precision": cfg.precision, "data": cfg.data,
+        "schemas": {"partial": 1, "images": 2},
+    }  # fmt: skip
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def test_legacy_settings_keep_the_fingerprint_of_an_older_index(tmp_path):
+    from pipeline.index.plan import run_fingerprint
+
+    base = dict(model="tiny_models:tiny", data=str(tmp_path), layers=("fc",), out=str(tmp_path))
+    legacy = IndexConfig(**base, distinct="id", stats=False, bottom=0)
+    assert run_fingerprint(legacy, "w") == legacy_fingerprint(legacy, "w")
+    seen = {run_fingerprint(legacy, "w")}
+    legacy_off = {"distinct": "id", "stats": False}
+    for change in (
+        {"distinct": "content", "stats": False}, {"distinct": "id", "stats": True, "samples": 0},
+        {**legacy_off, "bottom": 3}, {**legacy_off, "samples": 2},
+        {"distinct": "perceptual", "stats": False},
+        {"distinct": "perceptual", "stats": False, "near": 3},
+        {},  # the defaults: content, statistics and samples
+    ):  # fmt: skip
+        fingerprint = run_fingerprint(IndexConfig(**{**base, **change}), "w")
+        assert fingerprint not in seen, change
+        seen.add(fingerprint)
