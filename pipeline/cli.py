@@ -145,6 +145,18 @@ def add_index_flags(p: argparse.ArgumentParser) -> None:
         help="forward pass: auto (bfloat16 on GPUs that support it, else float32), float32 or "
         "bfloat16",
     )
+    p.add_argument(
+        "--decode",
+        help="JPEG decoding: auto (on the device for CUDA workers, else pil), pil (Pillow on the "
+        "decode threads) or device (batched on the worker's device; nvJPEG on CUDA)",
+    )
+    p.add_argument(
+        "--draft",
+        action="store_true",
+        default=None,
+        help="decode JPEGs at least 4x the resize size at 1/2, 1/4 or 1/8 scale (Pillow path; "
+        "faster, pixels within a few levels of a full decode; see README)",
+    )
     p.add_argument("--storage-options", help="fsspec storage options as a JSON object")
 
 

@@ -22,6 +22,7 @@ import yaml
 from pipeline.errors import ConfigError, InputNotFoundError, closest
 
 PRECISIONS = ("auto", "float32", "bfloat16")
+DECODES = ("auto", "pil", "device")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -64,6 +65,9 @@ class IndexConfig:
     decode_threads: int = 4  # decoding threads per actor
     precision: str = "auto"  # forward pass: "float32", "bfloat16" (autocast), or "auto":
     # bfloat16 on GPUs that support it, float32 elsewhere
+    decode: str = "auto"  # JPEG decoding: "pil" (reader threads), "device" (batched on the
+    # worker's device: nvJPEG on CUDA), or "auto": device on CUDA workers, pil elsewhere
+    draft: bool = False  # reduced-size (DCT-domain) decode of large JPEGs decoded by Pillow
 
     def __post_init__(self) -> None:
         # Ray workers run in other folders: a relative local path must mean the driver's.
@@ -79,6 +83,10 @@ class IndexConfig:
             raise ConfigError(
                 f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}"
             )
+        if self.decode not in DECODES:
+            raise ConfigError(f"--decode {self.decode!r} is not one of {', '.join(DECODES)}")
+        if not isinstance(self.draft, bool):
+            raise ConfigError(f"--draft must be true or false, got {self.draft!r}")
         if not self.layers:
             raise ConfigError("no layers given; pass --layers a,b (dotted module names)")
         if len(set(self.layers)) != len(self.layers):

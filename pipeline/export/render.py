@@ -37,6 +37,7 @@ from torch import nn
 from pipeline.config import Preprocess
 from pipeline.dataset.containers import read_bytes
 from pipeline.dataset.decode import BadImage, decode
+from pipeline.dataset.jpeg import model_input
 from pipeline.dataset.preprocess import normalize, to_uint8
 from pipeline.errors import DataError
 from pipeline.export.cone import project_rows
@@ -63,6 +64,8 @@ class Settings:
     storage_options: dict
     batch_size: int  # rows per deconvnet pass (see `passes`)
     threads: int  # decode / encode threads, and torch threads on CPU
+    decode: str = "pil"  # how the index decoded its model inputs (resolved: pil or device)
+    draft: bool = False  # and whether large JPEGs were decoded at reduced size
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,10 @@ class Renderer:
             if row["patch_path"] is not None:
                 patch = cut(decoded.image, row["box"])
                 self.store.write_bytes(row["patch_path"], png(patch))
-        return job, to_uint8(decoded.image, self.s.preprocess), None  # (3, crop, crop)
+        if self.s.decode == "pil" and not self.s.draft:
+            return job, to_uint8(decoded.image, self.s.preprocess), None  # (3, crop, crop)
+        pixels = model_input(data, self.s.preprocess, self.s.decode, self.s.draft, self.device)
+        return job, pixels.cpu(), None  # (3, crop, crop), decoded as the index decoded it
 
     def _project(self, stack: torch.Tensor, pairs: list[tuple[dict, int]], pool):
         """Deconvnet projections of (row, image position) pairs, per layer in passes."""

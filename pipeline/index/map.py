@@ -8,6 +8,11 @@ pass under inference mode with `Capture` hooks, and fold each layer's spatial ma
 
 A container shard (a tar or Parquet file of images, see `sources`) is streamed by one reader
 thread into the same decode pool; positions come from the container, in image_id order.
+
+With `--decode device` the pool only reads the bytes and checks each JPEG's header; one more
+thread decodes JPEGs in batches on the worker's device (`jpeg.to_uint8`), ahead of the forward
+pass, and other files (or JPEGs the device decoder refuses) with Pillow, so images reach
+`_batched` in the same order either way.
 """
 
 from __future__ import annotations
@@ -22,14 +27,14 @@ import pyarrow as pa
 import torch
 
 from pipeline.config import IndexConfig
-from pipeline.dataset import containers
+from pipeline.dataset import containers, jpeg
 from pipeline.dataset.containers import READ_FAILED, Member
-from pipeline.dataset.decode import BadImage, decode
+from pipeline.dataset.decode import BadImage, content_hash, decode
 from pipeline.dataset.preprocess import normalize, to_uint8
 from pipeline.dataset.refs import ImageRef, Shard
 from pipeline.index import faults
 from pipeline.index.topk import RunningTopK
-from pipeline.net.device import pick_device, resolve_precision
+from pipeline.net.device import pick_device, resolve_decode, resolve_precision
 from pipeline.net.hooks import Capture
 from pipeline.net.instrument import find_layers
 from pipeline.net.models import load_expected
@@ -50,6 +55,7 @@ class Loaded:
     height: int | None = None
     width: int | None = None
     error: str | None = None
+    pending: jpeg.Jpeg | None = None  # --decode device: a JPEG still to decode on the device
 
 
 class ShardIndexer:
@@ -66,6 +72,7 @@ class ShardIndexer:
         module = load_expected(cfg.model, cfg.weights, cfg.storage_options, model_fingerprint)
         self.model = module.to(self.device)
         self.precision = resolve_precision(cfg.precision, self.device)
+        self.decode = resolve_decode(cfg.decode, self.device)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.layers = find_layers(self.model, cfg.layers)
@@ -96,6 +103,7 @@ class ShardIndexer:
             "seconds": round(time.perf_counter() - start, 3),
             "device": str(self.device),
             "precision": self.precision,
+            "decode": self.decode,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
         attempt = partials.new_attempt()
@@ -113,9 +121,9 @@ class ShardIndexer:
             self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"
         )
         with torch.inference_mode(), autocast, Capture(self.model, self.layers) as capture:
-            for batch in _batched(self._load_all(shard, order), self.cfg.batch_size, loaded):
+            for batch in _batched(self._decoded(shard, order), self.cfg.batch_size, loaded):
                 positions = torch.tensor([item.position for item in batch])  # (B,)
-                pixels = torch.stack([_pixels(item) for item in batch])  # (B, 3, crop, crop) uint8
+                pixels = _stack([item.pixels for item in batch], self.device)  # (B, 3, crop, crop)
                 x = self._to_device(pixels)  # (B, 3, crop, crop) float32
                 maxima = capture.run(x)
                 positions = positions.to(self.device, non_blocking=True)  # (B,)
@@ -126,7 +134,8 @@ class ShardIndexer:
 
     def _to_device(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
-            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+            if not pixels.is_cuda:  # decoded on the host
+                pixels = pixels.pin_memory().to(self.device, non_blocking=True)
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         return normalize(pixels, self.cfg.preprocess)  # (B, 3, crop, crop)
 
@@ -140,6 +149,38 @@ class ShardIndexer:
             items = background(stream, window)
         return prefetch(self._load_one, items, self.cfg.decode_threads, window)
 
+    def _decoded(self, shard: Shard, order: dict[str, int] | None = None) -> Iterator[Loaded]:
+        """`_load_all`, with `--decode device` its JPEGs decoded on the device a batch at a time,
+        in order, on a thread of their own so that decoding overlaps the forward pass."""
+        stream = self._load_all(shard, order)
+        if self.decode != "device":
+            return stream
+        return background(self._decode_batches(stream), self.cfg.batch_size)
+
+    def _decode_batches(self, stream: Iterator[Loaded]) -> Iterator[Loaded]:
+        waiting: list[Loaded] = []  # in storage order; `count` of them hold JPEGs to decode
+        count = 0
+        for item in stream:
+            waiting.append(item)
+            count += item.pending is not None
+            if count == self.cfg.batch_size:
+                yield from self._decode_pending(waiting)
+                waiting, count = [], 0
+        yield from self._decode_pending(waiting)
+
+    def _decode_pending(self, items: list[Loaded]) -> list[Loaded]:
+        jpegs = [item.pending for item in items if item.pending is not None]
+        decoded = iter(jpeg.to_uint8(jpegs, self.cfg.preprocess, self.device))
+        out = []
+        for item in items:
+            if item.pending is None:
+                out.append(item)
+            elif (pixels := next(decoded)) is None:  # refused on the device: Pillow decides
+                out.append(self._pillow(item.position, item.ref, item.pending.data))
+            else:
+                out.append(dataclasses.replace(item, pixels=pixels, pending=None))
+        return out
+
     def _load_one(self, item: Member) -> Loaded:
         position, ref = item.position, item.ref
         if item.error is not None:
@@ -152,25 +193,35 @@ class ShardIndexer:
             )
         except OSError as e:  # vanished, or still failing after retries
             return Loaded(position, ref, None, error=f"{READ_FAILED}{type(e).__name__}: {e}")
+        pre = self.cfg.preprocess
+        if self.decode == "device":
+            try:
+                header = jpeg.inspect(data, pre.max_pixels, pre.resize)
+            except BadImage as e:
+                return Loaded(position, ref, None, error=str(e))
+            if header is not None:  # decoded later, in a batch on the device
+                size = (header.height, header.width)
+                return Loaded(
+                    position, ref, None, content_hash(data), len(data), *size, pending=header
+                )
+        return self._pillow(position, ref, data)
+
+    def _pillow(self, position: int, ref: ImageRef, data: bytes) -> Loaded:
+        pre = self.cfg.preprocess
         try:
-            decoded = decode(data, self.cfg.preprocess.max_pixels, self.cfg.preprocess.resize)
+            decoded = decode(data, pre.max_pixels, pre.resize, self.cfg.draft)
         except BadImage as e:
             return Loaded(position, ref, None, error=str(e))
-        pixels = to_uint8(decoded.image, self.cfg.preprocess)
-        height, width = decoded.image.height, decoded.image.width
-        return Loaded(position, ref, pixels, decoded.image_hash, decoded.nbytes, height, width)
-
-
-def _pixels(item: Loaded) -> torch.Tensor:
-    assert item.pixels is not None  # _batched keeps only decoded images
-    return item.pixels  # (3, crop, crop) uint8
+        pixels = to_uint8(decoded.image, pre, decoded.box)
+        size = (decoded.height, decoded.width)  # the original's, also after a reduced decode
+        return Loaded(position, ref, pixels, decoded.image_hash, decoded.nbytes, *size)
 
 
 def _batched(stream: Iterator[Loaded], size: int, seen: list[Loaded]) -> Iterator[list[Loaded]]:
     """Group decodable images into batches of `size`; every item, bad or good, goes to `seen`."""
     batch: list[Loaded] = []
     for item in stream:
-        seen.append(dataclasses.replace(item, pixels=None))  # metadata only: memory stays flat
+        seen.append(dataclasses.replace(item, pixels=None, pending=None))  # metadata only
         if item.error is not None:
             continue
         batch.append(item)
@@ -179,6 +230,16 @@ def _batched(stream: Iterator[Loaded], size: int, seen: list[Loaded]) -> Iterato
             batch = []
     if batch:
         yield batch
+
+
+def _stack(images: list[torch.Tensor | None], device: torch.device) -> torch.Tensor:
+    """(B, 3, crop, crop) uint8: on the host when every image was decoded there (copied in one
+    pinned transfer later), else on `device`, with Pillow's fallbacks moved there."""
+    decoded = [image for image in images if image is not None]
+    assert len(decoded) == len(images)  # _batched keeps only decoded images
+    if all(image.device.type == "cpu" for image in decoded):
+        return torch.stack(decoded)
+    return torch.stack([image.to(device) for image in decoded])
 
 
 def _images_table(loaded: list[Loaded], shard_key: str) -> pa.Table:

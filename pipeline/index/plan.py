@@ -54,7 +54,8 @@ def plan(cfg: IndexConfig) -> Plan:
 
 
 def run_fingerprint(cfg: IndexConfig, model_fingerprint: str) -> str:
-    """Hash of everything that changes a partial's content: model, weights, layers, k, geometry."""
+    """Hash of everything that changes a partial's content: model, weights, layers, k, geometry,
+    precision and decoding."""
     key = {
         "model": cfg.model,
         "weights": model_fingerprint,
@@ -66,6 +67,12 @@ def run_fingerprint(cfg: IndexConfig, model_fingerprint: str) -> str:
         "data": cfg.data,
         "schemas": {name: VERSIONS[name] for name in ("partial", "images")},
     }
+    # decode settings change pixels slightly; keyed only when not the defaults, so the runs made
+    # before they existed (decoded as the defaults do: Pillow on CPU, full size) still resume
+    if cfg.decode != "auto":
+        key["decode"] = cfg.decode
+    if cfg.draft:
+        key["draft"] = True
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 

@@ -40,8 +40,9 @@ from pipeline.store.partials import AttemptRef, ShardReport
 from pipeline.store.storage import Store
 from pipeline.store.versions import Previous
 
-COMPARED = ("model", "layers", "k", "buffer", "preprocess", "data", "precision")  # need --full
-BEFORE = {"precision": "auto"}  # settings of versions written before the setting existed
+COMPARED = ("model", "layers", "k", "buffer", "preprocess", "data", "precision", "decode", "draft")
+# (changing any of them needs --full); the settings of versions written before one existed:
+BEFORE = {"precision": "auto", "decode": "auto", "draft": False}
 
 
 @dataclass

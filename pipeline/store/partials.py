@@ -33,6 +33,7 @@ class ShardReport(TypedDict):
     seconds: NotRequired[float]  # compute time of the attempt
     device: NotRequired[str]  # "cpu", "cuda:0", ...
     precision: NotRequired[str]  # "float32" or "bfloat16"; absent in records before --precision
+    decode: NotRequired[str]  # "pil" or "device"; absent in records before --decode (pil)
     peak_rss_mb: NotRequired[float]  # the worker's peak resident memory
     derived_from: NotRequired[str]  # reindex: the previous shard this partial was cut from
 
