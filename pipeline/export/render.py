@@ -125,8 +125,11 @@ class Renderer:
                 self.store.write_bytes(row["patch_path"], png(patch))
         if self.s.decode == "pil" and not self.s.draft:
             return job, to_uint8(decoded.image, self.s.preprocess), None  # (3, crop, crop)
-        pixels = model_input(data, self.s.preprocess, self.s.decode, self.s.draft, self.device)
-        return job, pixels.cpu(), None  # (3, crop, crop), decoded as the index decoded it
+        try:  # the model input decoded as the index decoded it
+            pixels = model_input(data, self.s.preprocess, self.s.decode, self.s.draft, self.device)
+        except BadImage as e:
+            return job, None, f"unreadable at export: {e}"
+        return job, pixels.cpu(), None  # (3, crop, crop)
 
     def _project(self, stack: torch.Tensor, pairs: list[tuple[dict, int]], pool):
         """Deconvnet projections of (row, image position) pairs, per layer in passes."""
