@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup demo test bench lint format clean
+.PHONY: setup demo test bench bench-gpu lint format clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ bench: setup
 	$(PY) bench/bench_export.py --write BENCHMARKS.md
 	$(PY) bench/bench_reduce.py --write BENCHMARKS.md
 	$(PY) bench/bench_memory.py --write BENCHMARKS.md
+	$(PY) bench/bench_decode.py --write BENCHMARKS.md
+
+bench-gpu: setup  # on a machine with a CUDA GPU
+	PY=$(PY) bash bench/gpu.sh
 
 lint: setup
 	$(VENV)/bin/ruff check .

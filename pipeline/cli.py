@@ -157,6 +157,18 @@ def add_index_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bottom", type=int, help="least-activating images kept per unit (default 0)")
     p.add_argument("--samples", type=int, help="images per activation band per unit (default 4 "
                    "with --stats on; 0: none)")  # fmt: skip
+    p.add_argument(
+        "--decode",
+        help="JPEG decoding: auto (on the device for CUDA workers, else pil), pil (Pillow on the "
+        "decode threads) or device (batched on the worker's device; nvJPEG on CUDA)",
+    )
+    p.add_argument(
+        "--draft",
+        action="store_true",
+        default=None,
+        help="decode JPEGs at least 4x the resize size at 1/2, 1/4 or 1/8 scale (Pillow path; "
+        "faster, pixels within a few levels of a full decode; see README)",
+    )
     p.add_argument("--storage-options", help="fsspec storage options as a JSON object")
     p.add_argument(
         "--worker-wait",

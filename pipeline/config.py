@@ -25,6 +25,7 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 DISTINCT = ("content", "id", "perceptual")  # see pipeline/index/distinct.py
 SAMPLES = 4  # default images per band with statistics on
 LEGACY = {"distinct": "id", "stats": False, "bottom": 0, "samples": 0}  # before these existed
+DECODES = ("auto", "pil", "device")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -79,6 +80,9 @@ class IndexConfig:
     bottom: int = 0  # least-activating distinct images kept per unit (OUT/bottom/); 0: none
     samples: int | None = None  # images per activation band per unit (OUT/samples/); 0: none;
     # None: 4 with --stats on, 0 with --stats off (the legacy settings)
+    decode: str = "auto"  # JPEG decoding: "pil" (reader threads), "device" (batched on the
+    # worker's device: nvJPEG on CUDA), or "auto": device on CUDA workers, pil elsewhere
+    draft: bool = False  # reduced-size (DCT-domain) decode of large JPEGs decoded by Pillow
 
     def __post_init__(self) -> None:
         # Ray workers run in other folders: a relative local path must mean the driver's.
@@ -112,6 +116,15 @@ class IndexConfig:
             raise ConfigError(
                 f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}"
             )
+        if self.decode not in DECODES:
+            raise ConfigError(f"--decode {self.decode!r} is not one of {', '.join(DECODES)}")
+        if self.decode == "device" and self.distinct == "perceptual":
+            raise ConfigError(
+                "--distinct perceptual hashes the images as Pillow decodes them; use --decode pil "
+                "or auto (auto decodes with Pillow under --distinct perceptual)"
+            )
+        if not isinstance(self.draft, bool):
+            raise ConfigError(f"--draft must be true or false, got {self.draft!r}")
         if not self.layers:
             raise ConfigError("no layers given; pass --layers a,b (dotted module names)")
         if len(set(self.layers)) != len(self.layers):

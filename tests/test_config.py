@@ -61,6 +61,8 @@ def test_relative_paths_become_absolute_but_weights_names_stay(tmp_path, monkeyp
         ({"worker_wait": 0}, "--worker-wait must be a number of seconds above 0"),
         ({"worker_wait": "soon"}, "--worker-wait must be a number, got 'soon'"),
         ({"gpus": -1}, "--gpus must be a whole number of at least 0"),
+        ({"decode": "gpu"}, "--decode 'gpu' is not one of auto, pil, device"),
+        ({"draft": "yes"}, "--draft must be true or false, got 'yes'"),
     ],
 )
 def test_invalid_settings_name_the_flag(change, message):
@@ -68,6 +70,36 @@ def test_invalid_settings_name_the_flag(change, message):
         build_index_config(
             {}, {**BASE, **change, **({"out": None} if change.get("out", 1) is None else {})}
         )
+
+
+def test_decode_settings_from_spec_and_flags(tmp_path):
+    from pipeline.cli import build_parser, index_config
+
+    spec = tmp_path / "job.yaml"
+    spec.write_text("decode: device\ndraft: true\n")
+    cfg = build_index_config(load_spec(str(spec)), BASE)
+    assert (cfg.decode, cfg.draft) == ("device", True)
+    assert (build_index_config({}, BASE).decode, build_index_config({}, BASE).draft) == (
+        "auto",
+        False,
+    )
+    argv = ["index", "--model", "m", "--data", "d", "--layers", "fc", "--out", "o"]
+    args = build_parser().parse_args([*argv, "--decode", "pil", "--draft"])
+    assert (index_config(args).decode, index_config(args).draft) == ("pil", True)
+    args = build_parser().parse_args([*argv, "--config", str(spec), "--decode", "pil"])
+    assert (index_config(args).decode, index_config(args).draft) == ("pil", True)
+
+
+def test_decode_settings_enter_the_fingerprint_only_when_not_the_defaults():
+    from pipeline.index.plan import run_fingerprint
+
+    def fingerprint(**kw):
+        return run_fingerprint(build_index_config({}, {**BASE, **kw}), "weights")
+
+    default = fingerprint()
+    assert fingerprint(decode="auto", draft=False) == default  # runs before --decode resume
+    variants = {fingerprint(decode="pil"), fingerprint(decode="device"), fingerprint(draft=True)}
+    assert len(variants) == 3 and default not in variants
 
 
 def test_spec_file_errors(tmp_path):

@@ -17,9 +17,19 @@ from PIL import Image
 from pipeline.config import Preprocess
 
 
-def to_uint8(image: Image.Image, pre: Preprocess) -> torch.Tensor:
-    """Resize the shorter side, centre-crop: (3, crop, crop) uint8."""
-    resized = TF.resize(image, [pre.resize], antialias=True)
+def to_uint8(
+    image: Image.Image, pre: Preprocess, box: tuple[float, float, float, float] | None = None
+) -> torch.Tensor:
+    """Resize the shorter side, centre-crop: (3, crop, crop) uint8. After a reduced decode,
+    `box` (`Decoded.box`) is resampled to the size torchvision gives the full image."""
+    if box is None:
+        resized = TF.resize(image, [pre.resize], antialias=True)
+    else:
+        left, top, right, bottom = box
+        w, h = right - left, bottom - top  # the original's size / s, exactly (s a power of 2)
+        long = int(pre.resize * max(w, h) / min(w, h))  # torchvision's rule, same ratio
+        size = (pre.resize, long) if w <= h else (long, pre.resize)
+        resized = image.resize(size, Image.Resampling.BILINEAR, box=box)
     cropped = TF.center_crop(resized, [pre.crop, pre.crop])
     return TF.pil_to_tensor(cropped)  # (3, crop, crop) uint8
 

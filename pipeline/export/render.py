@@ -39,6 +39,7 @@ from torch import nn
 from pipeline.config import Preprocess
 from pipeline.dataset.containers import read_bytes
 from pipeline.dataset.decode import BadImage, decode
+from pipeline.dataset.jpeg import model_input
 from pipeline.dataset.preprocess import normalize, to_uint8
 from pipeline.errors import DataError
 from pipeline.export.cone import project_rows
@@ -66,6 +67,8 @@ class Settings:
     storage_options: dict
     batch_size: int  # rows per deconvnet pass (see `passes`)
     threads: int  # decode / encode threads, and torch threads on CPU
+    decode: str = "pil"  # how the index decoded its model inputs (resolved: pil or device)
+    draft: bool = False  # and whether large JPEGs were decoded at reduced size
 
 
 class Renderer:
@@ -114,7 +117,13 @@ class Renderer:
             if row["patch_path"] is not None:
                 patch = cut(decoded.image, row["box"])
                 self.store.write_bytes(row["patch_path"], png(patch))
-        return job, to_uint8(decoded.image, self.s.preprocess), None  # (3, crop, crop)
+        if self.s.decode == "pil" and not self.s.draft:
+            return job, to_uint8(decoded.image, self.s.preprocess), None  # (3, crop, crop)
+        try:  # the model input decoded as the index decoded it
+            pixels = model_input(data, self.s.preprocess, self.s.decode, self.s.draft, self.device)
+        except BadImage as e:
+            return job, None, f"unreadable at export: {e}"
+        return job, pixels.cpu(), None  # (3, crop, crop)
 
     def _project(
         self, stack: torch.Tensor, pairs: list[tuple[PlanRow, int]], pool: ThreadPoolExecutor

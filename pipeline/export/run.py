@@ -149,6 +149,8 @@ def prepare(out: str, layers, units, storage_options: dict | None) -> Job:
     settings = render.Settings(
         spec, weights, indexed, pre, f"{store.url}/{EXPORT_DIR}", dict(storage_options or {}),
         manifest["config"]["batch_size"], threads=1,
+        decode=manifest["environment"].get("decodes", ["pil"])[0],
+        draft=manifest["config"].get("draft", False),
     )  # fmt: skip
     return Job(manifest, chosen, loaded.module, settings, rows)
 

@@ -8,6 +8,11 @@ pass under inference mode with `Capture` hooks, and fold each layer's spatial ma
 
 A container shard (a tar or Parquet file of images, see `sources`) is streamed by one reader
 thread into the same decode pool; positions come from the container, in image_id order.
+
+With `--decode device` the pool only reads the bytes and checks each JPEG's header; one more
+thread decodes JPEGs in batches on the worker's device (`jpeg.to_uint8`), ahead of the forward
+pass, and other files (or JPEGs the device decoder refuses) with Pillow, so images reach
+`_batched` in the same order either way.
 """
 
 from __future__ import annotations
@@ -24,9 +29,9 @@ import pyarrow as pa
 import torch
 
 from pipeline.config import IndexConfig
-from pipeline.dataset import containers
+from pipeline.dataset import containers, jpeg
 from pipeline.dataset.containers import READ_FAILED, Member
-from pipeline.dataset.decode import BadImage, decode
+from pipeline.dataset.decode import BadImage, content_hash, decode
 from pipeline.dataset.preprocess import normalize, to_uint8
 from pipeline.dataset.refs import ImageRef, Shard
 from pipeline.index import faults
@@ -34,7 +39,7 @@ from pipeline.index.distinct import Firsts, phash
 from pipeline.index.samples import RunningSamples, priority, threshold
 from pipeline.index.stats import RunningStats
 from pipeline.index.topk import RunningTopK, negated
-from pipeline.net.device import pick_device, resolve_precision
+from pipeline.net.device import pick_device, resolve_decode, resolve_precision
 from pipeline.net.hooks import Capture
 from pipeline.net.instrument import find_layers
 from pipeline.net.models import load_expected
@@ -56,6 +61,7 @@ class Loaded:
     width: int | None = None
     error: str | None = None
     phash: int | None = None  # --distinct perceptual only
+    pending: jpeg.Jpeg | None = None  # --decode device: a JPEG still to decode on the device
 
 
 @dataclass
@@ -122,6 +128,10 @@ class ShardIndexer:
         module = load_expected(cfg.model, cfg.weights, cfg.storage_options, model_fingerprint)
         self.model = module.to(self.device)
         self.precision = resolve_precision(cfg.precision, self.device)
+        # perceptual hashes are taken from Pillow's decode (config refuses --decode device)
+        self.decode = (
+            "pil" if cfg.distinct == "perceptual" else resolve_decode(cfg.decode, self.device)
+        )
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.layers = find_layers(self.model, cfg.layers)
@@ -162,6 +172,7 @@ class ShardIndexer:
             "device_seconds": round(busy, 3),  # holding the device (forward passes)
             "device": str(self.device),
             "precision": self.precision,
+            "decode": self.decode,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
         if running.samples:
@@ -200,7 +211,7 @@ class ShardIndexer:
         """
         running = self._running(units, listed)
         loaded: list[Loaded] = []
-        stream = _started(self._load_all(shard, order))  # reads and decodes begin now
+        stream = _started(self._decoded(shard, order))  # reads and decodes begin now
         with self.device_lock:
             began = time.perf_counter()
             self._forward(stream, running, loaded)
@@ -220,7 +231,7 @@ class ShardIndexer:
                 if firsts is not None:
                     first, repeats = firsts.idents([_hash(item) for item in batch], where)
                     idents = torch.tensor(first).to(self.device, non_blocking=True)  # (B,)
-                pixels = torch.stack([_pixels(item) for item in batch])  # (B, 3, crop, crop) uint8
+                pixels = _stack([item.pixels for item in batch], self.device)  # (B, 3, crop, crop)
                 x = self._to_device(pixels)  # (B, 3, crop, crop) float32
                 maxima = capture.run(x)
                 positions = positions.to(self.device, non_blocking=True)  # (B,)
@@ -230,7 +241,8 @@ class ShardIndexer:
 
     def _to_device(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
-            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+            if not pixels.is_cuda:  # decoded on the host
+                pixels = pixels.pin_memory().to(self.device, non_blocking=True)
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         return normalize(pixels, self.cfg.preprocess)  # (B, 3, crop, crop)
 
@@ -244,6 +256,38 @@ class ShardIndexer:
             items = background(stream, window)
         return prefetch(self._load_one, items, self.cfg.decode_threads, window)
 
+    def _decoded(self, shard: Shard, order: dict[str, int] | None = None) -> Iterator[Loaded]:
+        """`_load_all`, with `--decode device` its JPEGs decoded on the device a batch at a time,
+        in order, on a thread of their own so that decoding overlaps the forward pass."""
+        stream = self._load_all(shard, order)
+        if self.decode != "device":
+            return stream
+        return background(self._decode_batches(stream), self.cfg.batch_size)
+
+    def _decode_batches(self, stream: Iterator[Loaded]) -> Iterator[Loaded]:
+        waiting: list[Loaded] = []  # in storage order; `count` of them hold JPEGs to decode
+        count = 0
+        for item in stream:
+            waiting.append(item)
+            count += item.pending is not None
+            if count == self.cfg.batch_size:
+                yield from self._decode_pending(waiting)
+                waiting, count = [], 0
+        yield from self._decode_pending(waiting)
+
+    def _decode_pending(self, items: list[Loaded]) -> list[Loaded]:
+        jpegs = [item.pending for item in items if item.pending is not None]
+        decoded = iter(jpeg.to_uint8(jpegs, self.cfg.preprocess, self.device))
+        out = []
+        for item in items:
+            if item.pending is None:
+                out.append(item)
+            elif (pixels := next(decoded)) is None:  # refused on the device: Pillow decides
+                out.append(self._pillow(item.position, item.ref, item.pending.data))
+            else:
+                out.append(dataclasses.replace(item, pixels=pixels, pending=None))
+        return out
+
     def _load_one(self, item: Member) -> Loaded:
         position, ref = item.position, item.ref
         if item.error is not None:
@@ -256,27 +300,36 @@ class ShardIndexer:
             )
         except OSError as e:  # vanished, or still failing after retries
             return Loaded(position, ref, None, error=f"{READ_FAILED}{type(e).__name__}: {e}")
+        pre = self.cfg.preprocess
+        if self.decode == "device":
+            try:
+                header = jpeg.inspect(data, pre.max_pixels, pre.resize)
+            except BadImage as e:
+                return Loaded(position, ref, None, error=str(e))
+            if header is not None:  # decoded later, in a batch on the device
+                size = (header.height, header.width)
+                return Loaded(
+                    position, ref, None, content_hash(data), len(data), *size, pending=header
+                )
+        return self._pillow(position, ref, data)
+
+    def _pillow(self, position: int, ref: ImageRef, data: bytes) -> Loaded:
+        pre = self.cfg.preprocess
         try:
-            decoded = decode(data, self.cfg.preprocess.max_pixels, self.cfg.preprocess.resize)
+            decoded = decode(data, pre.max_pixels, pre.resize, self.cfg.draft)
         except BadImage as e:
             return Loaded(position, ref, None, error=str(e))
-        pixels = to_uint8(decoded.image, self.cfg.preprocess)
-        height, width = decoded.image.height, decoded.image.width
+        pixels = to_uint8(decoded.image, pre, decoded.box)
+        size = (decoded.height, decoded.width)  # the original's, also after a reduced decode
         perceptual = phash(decoded.image) if self.cfg.distinct == "perceptual" else None
         return Loaded(
-            position, ref, pixels, decoded.image_hash, decoded.nbytes, height, width,
-            phash=perceptual,
-        )  # fmt: skip
+            position, ref, pixels, decoded.image_hash, decoded.nbytes, *size, phash=perceptual
+        )
 
 
 def _hash(item: Loaded) -> str:
     assert item.image_hash is not None  # _batched keeps only decoded images
     return item.image_hash
-
-
-def _pixels(item: Loaded) -> torch.Tensor:
-    assert item.pixels is not None  # _batched keeps only decoded images
-    return item.pixels  # (3, crop, crop) uint8
 
 
 def _started(stream: Iterator[Loaded]) -> Iterator[Loaded]:
@@ -289,7 +342,7 @@ def _batched(stream: Iterator[Loaded], size: int, seen: list[Loaded]) -> Iterato
     """Group decodable images into batches of `size`; every item, bad or good, goes to `seen`."""
     batch: list[Loaded] = []
     for item in stream:
-        seen.append(dataclasses.replace(item, pixels=None))  # metadata only: memory stays flat
+        seen.append(dataclasses.replace(item, pixels=None, pending=None))  # metadata only
         if item.error is not None:
             continue
         batch.append(item)
@@ -310,6 +363,16 @@ def _phash_table(loaded: list[Loaded], topk: pa.Table) -> pa.Table:
             "phash": pa.array(list(found.values()), pa.int64()),
         }
     )
+
+
+def _stack(images: list[torch.Tensor | None], device: torch.device) -> torch.Tensor:
+    """(B, 3, crop, crop) uint8: on the host when every image was decoded there (copied in one
+    pinned transfer later), else on `device`, with Pillow's fallbacks moved there."""
+    decoded = [image for image in images if image is not None]
+    assert len(decoded) == len(images)  # _batched keeps only decoded images
+    if all(image.device.type == "cpu" for image in decoded):
+        return torch.stack(decoded)
+    return torch.stack([image.to(device) for image in decoded])
 
 
 def _images_table(loaded: list[Loaded], shard_key: str) -> pa.Table:

@@ -57,11 +57,13 @@ def plan(cfg: IndexConfig) -> Plan:
 
 
 def run_fingerprint(cfg: IndexConfig, model_fingerprint: str) -> str:
-    """Hash of everything that changes a partial's content: model, weights, layers, k, geometry.
+    """Hash of everything that changes a partial's content: model, weights, layers, k, geometry,
+    precision and decoding.
 
-    Settings added later (config.LEGACY) enter the hash only when they differ from what
-    ninebest did before them, so `--distinct id --stats off` (and no bottom or samples) keeps
-    the fingerprint, and the partials, of an index written before they existed.
+    Settings added later (config.LEGACY, decode, draft) enter the hash only when they differ from
+    what ninebest did before them, so `--distinct id --stats off` (and no bottom or samples, and
+    the default decoding) keeps the fingerprint, and the partials, of an index written before
+    they existed.
     """
     key: dict[str, Any] = {
         "model": cfg.model,
@@ -85,6 +87,12 @@ def run_fingerprint(cfg: IndexConfig, model_fingerprint: str) -> str:
         if name == "stats":
             key["stats_sketch"] = {"kll_k": SKETCH_K, "edges": EDGES.tolist()}
             key["schemas"]["stats_state"] = VERSIONS["stats_state"]
+    # decode settings change pixels slightly; keyed only when not the defaults, so the runs made
+    # before they existed (decoded as the defaults do: Pillow on CPU, full size) still resume
+    if cfg.decode != "auto":
+        key["decode"] = cfg.decode
+    if cfg.draft:
+        key["draft"] = True
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 

@@ -45,8 +45,10 @@ from pipeline.store.partials import AttemptRef, ShardReport
 from pipeline.store.storage import Store
 from pipeline.store.versions import Previous
 
-COMPARED = ("model", "layers", "k", "buffer", "preprocess", "data", "precision", *LEGACY, "near")
-BEFORE = {"precision": "auto", **LEGACY, "near": NEAR}  # settings before the setting existed
+COMPARED = ("model", "layers", "k", "buffer", "preprocess", "data", "precision", "decode", "draft",
+            *LEGACY, "near")  # fmt: skip
+# (changing any of them needs --full); the settings of versions written before one existed:
+BEFORE = {"precision": "auto", "decode": "auto", "draft": False, **LEGACY, "near": NEAR}
 
 
 @dataclass

@@ -89,6 +89,7 @@ def execute(
     map_seconds = time.time() - map_started
     ordered = [_committed(records[s.key]) for s in shards]
     check_precisions(ordered)
+    check_decodes(ordered)
     reduce_started = time.time()
     target.remove(MANIFEST)  # rewriting the outputs: OUT is incomplete until the new manifest
     total, bad = write_images(root, ordered, target)
@@ -160,6 +161,18 @@ def check_precisions(records: list[CommitRecord]) -> None:
         )
 
 
+def check_decodes(records: list[CommitRecord]) -> None:
+    """Refuse to merge shards decoded in different ways (`--decode auto` resumed on other
+    hardware): device and Pillow decodes differ by a grey level here and there."""
+    counts = Counter(record.get("decode", "pil") for record in records)
+    if len(counts) > 1:
+        seen = ", ".join(f"{n} shards decoded by {name}" for name, n in sorted(counts.items()))
+        raise DataError(
+            f"this run's shards were decoded in different ways ({seen}), e.g. resumed on other "
+            "hardware; rerun with --decode pil or --decode device to decode them all alike"
+        )
+
+
 def check_bad_fraction(cfg: IndexConfig, store: Store, total: int, bad: int) -> None:
     if total and bad / total > cfg.max_bad_fraction:
         raise DataError(
@@ -208,6 +221,7 @@ def _manifest(
             "ray": ray_version(),
             "devices": sorted({r.get("device", "?") for r in records}),
             "precisions": sorted({r.get("precision", "float32") for r in records}),
+            "decodes": sorted({r.get("decode", "pil") for r in records}),
             "worker_peak_rss_mb": max((r.get("peak_rss_mb", 0) for r in records), default=0),
             "driver_peak_rss_mb": round(
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1

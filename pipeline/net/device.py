@@ -1,4 +1,4 @@
-"""Where a worker computes, and in what precision."""
+"""Where a worker computes, in what precision, and where it decodes JPEGs."""
 
 from __future__ import annotations
 
@@ -17,3 +17,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bfloat16"
     return "float32"
+
+
+def resolve_decode(decode: str, device: torch.device) -> str:
+    """'auto' is 'device' on a CUDA worker (nvJPEG), 'pil' elsewhere; other values are kept."""
+    if decode != "auto":
+        return decode
+    return "device" if device.type == "cuda" else "pil"

@@ -36,6 +36,7 @@ class ShardReport(TypedDict):
     seconds: NotRequired[float]  # compute time of the attempt
     device: NotRequired[str]  # "cpu", "cuda:0", ...
     precision: NotRequired[str]  # "float32" or "bfloat16"; absent in records before --precision
+    decode: NotRequired[str]  # "pil" or "device"; absent in records before --decode (pil)
     peak_rss_mb: NotRequired[float]  # the worker's peak resident memory
     device_seconds: NotRequired[float]  # of `seconds`, time holding the device (forward passes)
     node: NotRequired[str]  # the Ray node id that computed it (runtime context's get_node_id)

@@ -231,10 +231,11 @@ def test_expand_braces():
 
 
 def config(data: Path, out: Path) -> IndexConfig:
-    # batch size 1: every activation is bit-identical however images are grouped into shards
+    # batch size 1: every activation is bit-identical however images are grouped into shards;
+    # --distinct id: the copies below must tie with their originals and be ordered by image_id
     return IndexConfig(
         model="tiny_models:tiny", layers=("conv2", "fc"), data=str(data), out=str(out), k=4,
-        batch_size=1, shard_size=7, workers=2, max_bad_fraction=0.2,
+        batch_size=1, shard_size=7, workers=2, max_bad_fraction=0.2, distinct="id",
     )  # fmt: skip
 
 

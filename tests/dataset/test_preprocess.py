@@ -17,9 +17,18 @@ from PIL import Image
 
 from pipeline.config import Preprocess
 from pipeline.dataset.decode import BadImage, decode
+from pipeline.dataset.jpeg import model_input
 from pipeline.dataset.preprocess import geometry, normalize, to_uint8
 
 LIMIT = Preprocess().max_pixels
+# every decode path (`--decode`, `--draft`): each must turn every input into the same model input
+PATHS = [("pil", False), ("device", False), ("pil", True), ("device", True)]
+path_ids = pytest.mark.parametrize("path", PATHS, ids=lambda p: f"{p[0]}{'+draft' * p[1]}")
+
+
+def through(data: bytes, path: tuple[str, bool], pre: Preprocess | None = None) -> torch.Tensor:
+    """The (3, crop, crop) uint8 model input of `data` on a decode path (device: CPU here)."""
+    return model_input(data, pre or Preprocess(), path[0], path[1], torch.device("cpu"))
 
 
 def encoded(image: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -35,6 +44,35 @@ def test_every_mode_becomes_rgb(mode, fmt):
     image = Image.new("RGB", (40, 30), (200, 100, 50)).convert(mode)
     decoded = decode(encoded(image, fmt), LIMIT)
     assert decoded.image.mode == "RGB" and decoded.image.size == (40, 30)
+
+
+def odd_inputs() -> dict[str, bytes]:
+    photo = Image.new("RGB", (60, 40), (200, 100, 50))
+    photo.paste((10, 250, 90), (0, 0, 30, 15))  # a corner patch shows orientation
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(100)
+    sixteen = Image.fromarray(np.full((30, 40), 40000, dtype=np.uint16))
+    return {
+        "gray.jpg": encoded(photo.convert("L"), "JPEG"),
+        "cmyk.jpg": encoded(photo.convert("CMYK"), "JPEG"),
+        "rotated.jpg": encoded(photo, "JPEG", exif=exif.tobytes()),
+        "progressive.jpg": encoded(photo, "JPEG", progressive=True),
+        "palette.png": encoded(photo.convert("P")),
+        "alpha.png": encoded(rgba),
+        "la.png": encoded(photo.convert("LA")),
+        "deep16.png": encoded(sixteen),
+    }
+
+
+@path_ids
+@pytest.mark.parametrize("name", sorted(odd_inputs()))
+def test_every_mode_gives_the_same_model_input_on_every_path(name, path):
+    data = odd_inputs()[name]
+    want = through(data, ("pil", False)).int()
+    got = through(data, path).int()
+    assert got.shape == (3, 224, 224) and (got - want).abs().max() <= 1, name
 
 
 def test_sixteen_bit_grayscale_is_scaled_not_clipped():
@@ -67,27 +105,60 @@ def png_claiming(width: int, height: int) -> bytes:
     )
 
 
-def test_extreme_aspect_ratio_is_refused_before_upscaling():
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A small JPEG whose frame header (SOF0) claims width x height."""
+    data = bytearray(encoded(Image.new("RGB", (16, 16)), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+@path_ids
+def test_extreme_aspect_ratio_is_refused_before_upscaling(path):
     sliver = encoded(Image.new("L", (40000, 1)))  # 90 bytes, but 256 x 10,240,000 once resized
     with pytest.raises(BadImage, match="would be resized to"):
         decode(sliver, LIMIT, resize=256)
+    with pytest.raises(BadImage, match="would be resized to"):
+        through(encoded(Image.new("RGB", (4000, 1)), "JPEG"), path)
+    with pytest.raises(BadImage, match="would be resized to"):
+        through(sliver, path)
 
 
-def test_decompression_bomb_is_refused_before_decoding():
+@path_ids
+def test_decompression_bomb_is_refused_before_decoding(path):
     with pytest.raises(BadImage, match="decompression bomb"):
         decode(png_claiming(100_000, 100_000), LIMIT)
     with pytest.raises(BadImage, match="100000000 pixels, over the limit"):
         decode(png_claiming(10_000, 10_000), LIMIT)
     with pytest.raises(BadImage, match="over the limit of 100"):
         decode(encoded(Image.new("RGB", (20, 20))), max_pixels=100)
+    with pytest.raises(BadImage, match="decompression bomb"):
+        through(png_claiming(100_000, 100_000), path)
+    with pytest.raises(BadImage, match="decompression bomb"):
+        through(jpeg_claiming(60_000, 60_000), path)
+    with pytest.raises(BadImage, match="100000000 pixels, over the limit"):
+        through(jpeg_claiming(10_000, 10_000), path)
+    small = Preprocess(max_pixels=100, resize=8, crop=8)
+    with pytest.raises(BadImage, match="over the limit of 100"):
+        through(encoded(Image.new("RGB", (20, 20)), "JPEG"), path, small)
 
 
+@path_ids
 @pytest.mark.parametrize(
-    "data", [b"", b"not an image at all", encoded(Image.new("RGB", (50, 50)))[:60]]
+    "data",
+    [
+        b"",
+        b"not an image at all",
+        encoded(Image.new("RGB", (50, 50)))[:60],
+        encoded(Image.new("RGB", (50, 50)), "JPEG")[:300],
+    ],
 )
-def test_unreadable_bytes_raise_bad_image(data):
-    with pytest.raises(BadImage):
+def test_unreadable_bytes_raise_bad_image(data, path):
+    with pytest.raises(BadImage) as pil:
         decode(data, LIMIT)
+    with pytest.raises(BadImage) as other:
+        through(data, path)
+    assert str(other.value) == str(pil.value)
 
 
 def test_normalize_matches_the_textbook_formula():

@@ -14,11 +14,15 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.config import IndexConfig
+from pipeline.config import IndexConfig, Preprocess
+from pipeline.dataset.decode import BadImage, decode
 from pipeline.index.run import index
 from pipeline.progress import Progress
 
 pytestmark = pytest.mark.usefixtures("ray_local")
+
+# every decode path: Pillow, the device path (CPU decoder here), Pillow with reduced-size decode
+DECODES = [{"decode": "pil"}, {"decode": "device"}, {"decode": "pil", "draft": True}]
 
 
 def bomb() -> bytes:
@@ -46,6 +50,14 @@ def odd_images(tmp_path_factory, photos):
     exif = Image.Exif()
     exif[0x0112] = 6  # displayed rotated 90 degrees clockwise
     photo.save(root / "rotated.jpg", exif=exif.tobytes())
+    big = Image.open(next(photos.rglob("astronaut_0.*"))).convert("RGB").resize((1100, 1300))
+    big.save(root / "big_rotated.jpg", exif=exif.tobytes())  # reduced by --draft, then rotated
+    photo.convert("L").save(root / "gray.jpg")
+    photo.save(root / "progressive.jpg", progressive=True)
+    jpeg = (root / "rotated.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    scan = jpeg.index(b"\xff\xda")
+    (root / "noscan.jpg").write_bytes(jpeg[:scan] + b"\xff\xd9")  # the device decoder refuses it
     (root / "bomb.png").write_bytes(bomb())
     (root / "empty.jpg").write_bytes(b"")
     (root / "mislabelled.jpg").write_bytes(b"%PDF-1.4 not an image\n")
@@ -54,31 +66,43 @@ def odd_images(tmp_path_factory, photos):
     return root
 
 
-def test_every_mode_is_indexed_and_broken_files_are_recorded(odd_images, tmp_path):
+GOOD = {"gray.png", "palette.png", "cmyk.jpg", "deep16.png", "alpha.png", "rotated.jpg",
+        "big_rotated.jpg", "gray.jpg", "progressive.jpg"}  # fmt: skip
+BAD = ["bomb.png", "empty.jpg", "mislabelled.jpg", "noscan.jpg", "truncated.jpg", "truncated.png"]
+
+
+def pillow_reasons(root) -> dict[str, str]:
+    """Why the Pillow path refuses each bad file: every decode path must say the same."""
+    reasons = {}
+    for name in BAD:
+        with pytest.raises(BadImage) as refused:
+            decode((root / name).read_bytes(), Preprocess().max_pixels, Preprocess().resize)
+        reasons[name] = str(refused.value)
+    return reasons
+
+
+@pytest.mark.parametrize("decode", DECODES, ids=lambda d: "+".join(map(str, d.values())))
+def test_every_mode_is_indexed_and_broken_files_are_recorded(odd_images, tmp_path, decode):
     out = tmp_path / "out"
     cfg = IndexConfig(
         model="tiny_models:tiny", data=str(odd_images), layers=("conv2", "fc"), out=str(out),
-        k=20, max_bad_fraction=0.5, shard_size=4,
+        k=20, max_bad_fraction=0.5, shard_size=4, **decode,
     )  # fmt: skip
     manifest = index(cfg, Progress(quiet=True))
     errors = pd.read_parquet(out / "errors.parquet").set_index("image_id")["error"]
-    assert sorted(errors.index) == ["bomb.png", "empty.jpg", "mislabelled.jpg", "truncated.png"]
+    assert sorted(errors.index) == BAD
     assert "decompression bomb" in errors["bomb.png"] and errors["empty.jpg"] == "empty file"
+    assert errors.to_dict() == pillow_reasons(odd_images)  # word for word, on every path
     images = pd.read_parquet(out / "images.parquet").set_index("image_id")
     assert (images.loc["rotated.jpg", "height"], images.loc["rotated.jpg", "width"]) == (300, 200)
-    indexed = set(pd.read_parquet(out / "index").image_id)
-    assert indexed == {
-        "gray.png",
-        "palette.png",
-        "cmyk.jpg",
-        "deep16.png",
-        "alpha.png",
-        "rotated.jpg",
-    }
+    assert tuple(images.loc["big_rotated.jpg", ["height", "width"]]) == (1100, 1300)  # original
     top = pd.read_parquet(out / "index")
-    # k (20) is larger than the 6 good images: every unit lists each of them once
-    assert top.groupby(["layer", "unit"]).size().eq(6).all()
-    assert manifest["counts"] == {**manifest["counts"], "images": 10, "indexed": 6, "bad": 4}
+    assert set(top.image_id) == GOOD
+    # k (20) is larger than the 9 good images: every unit lists each of them once
+    assert top.groupby(["layer", "unit"]).size().eq(len(GOOD)).all()
+    counts = {"images": len(GOOD) + len(BAD), "indexed": len(GOOD), "bad": len(BAD)}
+    assert manifest["counts"] == {**manifest["counts"], **counts}
+    assert manifest["environment"]["decodes"] == [decode["decode"]]
 
 
 def test_more_workers_than_cpus_still_finishes(odd_images, tmp_path):
@@ -87,7 +111,7 @@ def test_more_workers_than_cpus_still_finishes(odd_images, tmp_path):
         model="tiny_models:tiny", data=str(odd_images), layers=("fc",), out=str(tmp_path / "o"),
         workers=3, shard_size=2, max_bad_fraction=0.5,
     )  # fmt: skip
-    assert index(cfg, Progress(quiet=True))["counts"]["indexed"] == 6
+    assert index(cfg, Progress(quiet=True))["counts"]["indexed"] == len(GOOD)
 
 
 def test_output_holding_another_run_is_refused(odd_images, tmp_path, capsys):

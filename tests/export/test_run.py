@@ -319,3 +319,39 @@ def test_cropping_to_the_box_loses_no_projection(layer):
         outside = proj[b].abs().sum(0)  # (224, 224)
         outside[top:bottom, left:right] = 0
         assert outside.max() == 0
+
+
+@pytest.mark.parametrize("decode", [{"decode": "device"}, {"decode": "pil", "draft": True}])
+def test_export_recomputes_from_the_pixels_the_index_decoded(decode, tmp_path):
+    """After a device-decoded or reduced-size index, export's recomputed activations still match
+    (it decodes as the manifest says), and patches are exact crops of the full-size originals."""
+    data = tmp_path / "data"
+    data.mkdir()
+    photo = Image.fromarray(oracle_photo("coffee"))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo.resize((1300, 1100)).save(data / "big_rotated.jpg", quality=92, exif=exif.tobytes())
+    photo.resize((1500, 1040)).save(data / "big.jpg", quality=92)
+    photo.save(data / "plain.jpg", quality=92)
+    photo.save(data / "plain.png")
+    out = tmp_path / "out"
+    cfg = IndexConfig(
+        model="tiny_models:tiny", data=str(data), layers=TINY_LAYERS, out=str(out), workers=1,
+        batch_size=4, shard_size=4, **decode,
+    )  # fmt: skip
+    manifest = index(cfg, Progress(quiet=True))
+    assert manifest["environment"]["decodes"] == [decode["decode"]]
+    summary = export(str(out), progress=Progress(quiet=True))
+    rows = pd.read_parquet(out / "export" / "export.parquet")
+    assert rows["activation_ok"].all() and summary["counts"]["activation_mismatches"] == 0
+    np.testing.assert_allclose(rows["recomputed_activation"], rows["activation"], rtol=1e-3)
+    for row in rows.drop_duplicates("image_id").itertuples():
+        image = oriented(data / row.image_id)
+        patch = np.asarray(Image.open(out / "export" / row.patch_path))
+        np.testing.assert_array_equal(patch, image[row.top : row.bottom, row.left : row.right])
+
+
+def oracle_photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    return getattr(skimage.data, name)()

@@ -1,17 +1,21 @@
 """Brute-force oracle for the index: plain torch, whole dataset, no Ray, no pipeline code.
 
-Images are decoded with PIL and preprocessed with torchvision's own transforms; plain forward
-hooks clone every chosen layer's output; each unit's images are sorted by (activation
-descending, image_id ascending) in Python. Given each image's content hash (`--distinct content`,
-the default), only the first row of each content in that order is kept.
+Images are decoded with PIL and preprocessed with torchvision's own transforms (`load`), or, for
+`--decode device`, JPEGs are decoded by torchvision with its own EXIF handling and transformed as
+tensors (`load_device`); plain forward hooks clone every chosen layer's output; each unit's
+images are sorted by (activation descending, image_id ascending) in Python. Given each image's
+content hash (`--distinct content`, the default), only the first row of each content in that
+order is kept.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision.io
 import torchvision.transforms.v2 as T
 from PIL import Image, ImageOps
 
@@ -29,6 +33,19 @@ TRANSFORM = T.Compose(
 def load(path: Path) -> torch.Tensor:
     with Image.open(path) as image:
         return TRANSFORM(ImageOps.exif_transpose(image).convert("RGB"))  # (3, 224, 224)
+
+
+def load_device(path: Path) -> torch.Tensor:
+    """As `--decode device` decodes: RGB and grayscale JPEGs by torchvision, the rest by PIL."""
+    with Image.open(path) as image:
+        if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+            return load(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        image = torchvision.io.decode_image(
+            str(path), mode=torchvision.io.ImageReadMode.RGB, apply_exif_orientation=True
+        )  # (3, H, W) uint8
+    return TRANSFORM(image)  # (3, 224, 224)
 
 
 def activations(model, layers, images: torch.Tensor, batch: int = 16) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""The map worker without Ray: precision, what a committed shard records, two shards in flight."""
+"""The map worker without Ray: precision, decode, what a committed shard records, two shards in
+flight."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pipeline.config import IndexConfig
 from pipeline.dataset.listing import list_images
 from pipeline.dataset.refs import plan_shards
 from pipeline.index.map import ShardIndexer
-from pipeline.net.device import resolve_precision
+from pipeline.net.device import resolve_decode, resolve_precision
 from pipeline.net.models import load_model
 from pipeline.store.partials import read_table
 from pipeline.store.storage import Store
@@ -29,6 +30,37 @@ def test_auto_precision_is_float32_on_cpu_and_explicit_values_stay():
     assert resolve_precision("auto", cpu) == "float32"
     assert resolve_precision("bfloat16", cpu) == "bfloat16"
     assert resolve_precision("float32", torch.device("cuda")) == "float32"
+
+
+def test_auto_decode_is_the_device_on_cuda_and_pil_elsewhere():
+    assert resolve_decode("auto", torch.device("cpu")) == "pil"
+    assert resolve_decode("auto", torch.device("cuda")) == "device"
+    assert resolve_decode("pil", torch.device("cuda")) == "pil"
+    assert resolve_decode("device", torch.device("cpu")) == "device"
+
+
+def test_device_decode_shard_matches_pillow_sizes_and_hashes(photos, alexnet_weights, tmp_path):
+    """A shard decoded on the device records the same images (ids, hashes, sizes) as Pillow's,
+    says how it was decoded, and its activations stay close to Pillow's."""
+    tables = {}
+    for decode in ("pil", "device"):
+        cfg = IndexConfig(
+            model="torchvision:alexnet", weights=str(alexnet_weights), data=str(photos / "animals"),
+            layers=LAYERS, out=str(tmp_path / decode), k=3, batch_size=4, decode=decode,
+        )  # fmt: skip
+        shard = plan_shards(list_images(cfg.data), 256)[0]
+        worker = ShardIndexer(cfg, "run", load_model(cfg.model, cfg.weights).fingerprint, 2)
+        record = worker.index_shard(shard, {"features.3": 192, "classifier.4": 4096})
+        assert record["decode"] == decode
+        store = Store(str(tmp_path / decode))
+        tables[decode] = [read_table(store, record, t).to_pandas() for t in ("images", "topk")]
+    (pil_images, pil_top), (dev_images, dev_top) = tables["pil"], tables["device"]
+    columns = ["image_id", "image_hash", "height", "width", "error"]
+    assert pil_images[columns].equals(dev_images[columns])
+    pil_values = pil_top.groupby(["layer", "unit"]).activation.max()
+    dev_values = dev_top.groupby(["layer", "unit"]).activation.max()
+    assert ((pil_values - dev_values).abs() <= 2e-2 * pil_values.abs() + 1e-3).all()
+    assert not pil_values.equals(dev_values)  # the device path really decoded: pixels moved
 
 
 def test_bfloat16_index_runs_under_autocast_and_says_so(photos, alexnet_weights, tmp_path):

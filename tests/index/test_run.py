@@ -14,7 +14,7 @@ import torchvision
 import oracle
 from pipeline.config import IndexConfig
 from pipeline.errors import DataError
-from pipeline.index.run import check_precisions, index
+from pipeline.index.run import check_decodes, check_precisions, index
 from pipeline.progress import Progress
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -31,7 +31,7 @@ def run(data: Path, out: Path, model: str, weights: Path, layers, **kw) -> dict:
     return index(cfg, Progress(quiet=True))
 
 
-def oracle_outputs(name: str, weights: Path, layers, data: Path):
+def oracle_outputs(name: str, weights: Path, layers, data: Path, load=oracle.load):
     model = torchvision.models.get_model(name, weights=None)
     model.load_state_dict(torch.load(weights, weights_only=True))
     model.eval()
@@ -41,7 +41,7 @@ def oracle_outputs(name: str, weights: Path, layers, data: Path):
     )
     paths = [p for p in paths if _decodes(p)]
     ids = [p.relative_to(data).as_posix() for p in paths]
-    images = torch.stack([oracle.load(p) for p in paths])  # (N, 3, 224, 224)
+    images = torch.stack([load(p) for p in paths])  # (N, 3, 224, 224)
     return oracle.activations(model, layers, images), ids
 
 
@@ -177,6 +177,23 @@ def test_resnet18_index_equals_brute_force(photos, resnet18_weights, tmp_path):
     outputs, ids = oracle_outputs("resnet18", resnet18_weights, RESNET_LAYERS, photos)
     rows = pd.read_parquet(tmp_path / "out" / "index").to_dict("records")
     oracle.compare(rows, outputs, ids, k=9)  # --distinct id: the one duplicate pair takes two
+
+
+def test_device_decoded_index_equals_brute_force(photos, alexnet_weights, tmp_path):
+    """--decode device (torchvision's CPU decoder here) against an oracle decoding the same way."""
+    weights, layers = alexnet_weights, ALEXNET_LAYERS
+    out = tmp_path / "out"
+    manifest = run(photos, out, "torchvision:alexnet", weights, layers, decode="device")
+    assert manifest["environment"]["decodes"] == ["device"]
+    outputs, ids = oracle_outputs("alexnet", weights, layers, photos, oracle.load_device)
+    oracle.compare(pd.read_parquet(out / "index").to_dict("records"), outputs, ids, k=9)
+
+
+def test_shards_decoded_in_different_ways_are_not_merged():
+    check_decodes([{"decode": "pil"}, {}])  # records before --decode: Pillow
+    mixed = r"\(1 shards decoded by device, 1 shards decoded by pil\).*--decode pil"
+    with pytest.raises(DataError, match=mixed):
+        check_decodes([{"decode": "device"}, {"decode": "pil"}])
 
 
 def test_too_many_bad_images_fail_after_recording_them(dirty_photos, tmp_path):
