@@ -54,6 +54,7 @@ def ray_local():
     import ray
 
     ray.init(
+        address="local",  # a new instance, never a `ray start` cluster found on this machine
         num_cpus=2,
         _node_ip_address="127.0.0.1",
         include_dashboard=False,
