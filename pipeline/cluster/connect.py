@@ -48,6 +48,7 @@ def start_local() -> None:
     """A local instance on loopback only; its workers import what the driver can."""
     with loopback():
         ray.init(
+            address="local",  # a new instance: never a `ray start` cluster found on the machine
             include_dashboard=False,
             dashboard_host=LOOPBACK,
             _node_ip_address=LOOPBACK,

@@ -412,7 +412,8 @@ def assert_brute_force(photos: Path, manifest: dict, out: Path) -> None:
         load_model("tiny_models:tiny").module, list(LAYERS),
         torch.stack([oracle.load(p) for p in paths]),
     )  # fmt: skip
-    oracle.compare(pd.read_parquet(out / "index").to_dict("records"), outputs, ids, k=9)
+    rows = pd.read_parquet(out / "index").to_dict("records")
+    oracle.compare(rows, outputs, ids, k=9, hashes=oracle.content_hashes(photos, ids))
     keys = [s["key"] for s in manifest["shards"]]
     assert len(keys) == len(set(keys)) == -(-len(ids) // 4)
     images = pd.read_parquet(out / "images.parquet")

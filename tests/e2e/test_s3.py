@@ -153,7 +153,9 @@ def test_manifest_and_outputs_on_s3(runs, s3):
     assert store.read_json("run.json")["run"] == manifest["run"]
     keys = set(objects(s3, "out/"))
     top = {k for k in keys if not k.startswith("out/partials/")}
-    files = {f"out/{rel}" for rel in manifest["outputs"]["index"]}
+    tables = ("index", "stats", "samples", "bottom")  # the per-layer outputs this run wrote
+    files = {f"out/{rel}" for name in tables for rel in manifest["outputs"].get(name, [])}
+    assert {name for name in tables if name in manifest["outputs"]} == {"index", "stats", "samples"}
     assert top == files | {f"out/{n}" for n in ("images.parquet", "errors.parquet")} | {
         "out/manifest.json",
         "out/run.json",
