@@ -5,9 +5,9 @@
 the workers fall back to the CPU. The head shortens Ray's node health checks so a killed node is
 declared dead in about `HEALTH["health_check_period_ms"] * failure_threshold` (3 s) rather than
 Ray's default of about 15 s; ninebest itself runs with Ray's defaults. Every process listens on
-loopback only (`pipeline.connect.loopback`). Nodes are killed through the harness
-(`remove_node(allow_graceful=False)`: the node's raylet and agents, whose workers then exit),
-never with `ray stop`.
+loopback only (`pipeline.cluster.connect.loopback`). Nodes are killed through the harness
+(`remove_node(allow_graceful=False)`: the node's raylet and agents, whose workers then exit);
+nothing here stops Ray processes it did not start.
 """
 
 from __future__ import annotations
