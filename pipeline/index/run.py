@@ -151,26 +151,30 @@ def _committed(record: CommitRecord | None) -> CommitRecord:
 def check_precisions(records: list[CommitRecord]) -> None:
     """Refuse to merge shards computed in different precisions (`--precision auto` resumed on
     other hardware): their activations would be ranked against each other unfairly."""
-    counts = Counter(record.get("precision", "float32") for record in records)
-    if len(counts) > 1:
-        seen = ", ".join(f"{n} shards in {name}" for name, n in sorted(counts.items()))
-        raise DataError(
-            f"this run's shards were computed in different precisions ({seen}), e.g. resumed "
-            "on other hardware; rerun with --precision float32 or --precision bfloat16 to "
-            "compute them all alike"
-        )
+    _check_alike(
+        records, "precision", "float32", "{n} shards in {name}",
+        "this run's shards were computed in different precisions ({seen}), e.g. resumed on "
+        "other hardware; rerun with --precision float32 or --precision bfloat16 to compute them "
+        "all alike",
+    )  # fmt: skip
 
 
 def check_decodes(records: list[CommitRecord]) -> None:
     """Refuse to merge shards decoded in different ways (`--decode auto` resumed on other
     hardware): device and Pillow decodes differ by a grey level here and there."""
-    counts = Counter(record.get("decode", "pil") for record in records)
+    _check_alike(
+        records, "decode", "pil", "{n} shards decoded by {name}",
+        "this run's shards were decoded in different ways ({seen}), e.g. resumed on other "
+        "hardware; rerun with --decode pil or --decode device to decode them all alike",
+    )  # fmt: skip
+
+
+def _check_alike(records: list[CommitRecord], key: str, before: str, each: str, why: str) -> None:
+    """DataError `why` when the records' `key` (`before` where a record predates it) differ."""
+    counts = Counter(str(record.get(key, before)) for record in records)
     if len(counts) > 1:
-        seen = ", ".join(f"{n} shards decoded by {name}" for name, n in sorted(counts.items()))
-        raise DataError(
-            f"this run's shards were decoded in different ways ({seen}), e.g. resumed on other "
-            "hardware; rerun with --decode pil or --decode device to decode them all alike"
-        )
+        seen = ", ".join(each.format(n=n, name=name) for name, n in sorted(counts.items()))
+        raise DataError(why.format(seen=seen))
 
 
 def check_bad_fraction(cfg: IndexConfig, store: Store, total: int, bad: int) -> None:
