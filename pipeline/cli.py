@@ -15,10 +15,13 @@ from pathlib import Path
 from pipeline.cluster.submit import add_commands as submit_commands
 from pipeline.config import IndexConfig, build_index_config, load_spec, parse_list, storage_options
 from pipeline.errors import ConfigError, NinebestError
-from pipeline.store.layout import ERRORS, INDEX_DIR
+from pipeline.store.layout import ATLAS_INDEX, ERRORS, INDEX_DIR
 
 DEMO_IMAGES = Path(__file__).resolve().parent / "demo_images"
 DEMO_LAYERS = ("layer1", "layer2", "layer3", "layer4", "fc")
+DEMO_EXPORT = ("layer1", "layer3", "layer4", "fc")  # the atlas: a few layers, shallow to deep
+DEMO_UNITS = 8  # the first units of each exported layer
+DEMO_BOTTOM = 4  # least-activating images kept per unit (the atlas shows them beside the top)
 
 
 class Parser(argparse.ArgumentParser):
@@ -190,26 +193,54 @@ def index_config(args: argparse.Namespace) -> IndexConfig:
     return build_index_config(load_spec(args.config), flags)
 
 
-def demo_config(args: argparse.Namespace) -> IndexConfig:
+def demo_config(args: argparse.Namespace, weights: str | None = None) -> IndexConfig:
     return IndexConfig(
         model="torchvision:resnet18",
+        weights=weights,
         data=str(DEMO_IMAGES),
         layers=DEMO_LAYERS,
         out=args.out,
         workers=args.workers,
         batch_size=8,
         shard_size=8,
+        bottom=DEMO_BOTTOM,
         address=args.address,
     )
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    """Index the bundled photographs, export a few layers, print the atlas's address."""
+    from pipeline.cluster.connect import ray_session  # imports Ray: keep `--help` fast
+    from pipeline.export.run import export
+    from pipeline.net.models import cached_weights
+
     count = sum(1 for p in DEMO_IMAGES.rglob("*") if p.is_file())
-    print(
-        "demo: torchvision resnet18, randomly initialised (seed 0; no download needed), "
-        f"on {count} bundled photographs"
-    )
-    return run_index(demo_config(args))
+    weights = cached_weights("resnet18")
+    if weights is not None:
+        print(f"demo: torchvision resnet18 with ImageNet weights from the local torch cache "
+              f"({weights}), on {count} bundled photographs")  # fmt: skip
+    else:
+        print(
+            "demo: torchvision resnet18, randomly initialised (seed 0; no download needed), "
+            f"on {count} bundled photographs; for trained features, download the ImageNet "
+            'weights once on a machine with internet (python -c "import torchvision; '
+            "torchvision.models.resnet18(weights='DEFAULT')\"), copy ~/.cache/torch to this "
+            "machine, and rerun with a new --out"
+        )
+    cfg = demo_config(args, weights)
+    with ray_session(args.address):  # one Ray instance for both steps
+        status = run_index(cfg)
+        units = tuple(range(DEMO_UNITS))
+        summary = export(cfg.out, DEMO_EXPORT, units, args.workers, args.address)
+    print(f"atlas: {atlas_address(summary['export'])}")
+    return status
+
+
+def atlas_address(export_folder: str) -> str:
+    """The atlas's index page as a browser address: file:// for a local export, else its URL."""
+    if "://" in export_folder:
+        return f"{export_folder.rstrip('/')}/{ATLAS_INDEX}"
+    return (Path(export_folder) / ATLAS_INDEX).resolve().as_uri()
 
 
 def run_index(cfg: IndexConfig) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.cli import main
+from pipeline.cli import DEMO_EXPORT, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,9 +134,16 @@ def test_usage_error_is_one_line(tmp_path):
 @pytest.mark.usefixtures("ray_local")
 def test_demo_and_readme_pandas_example(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no cached ImageNet weights
     assert main(["demo"]) == 0
     printed = capsys.readouterr().out
     assert "ninebest-demo/index" in printed and "read_parquet" in printed
+    assert "randomly initialised" in printed and "weights='DEFAULT'" in printed  # empty cache
+    atlas = (tmp_path / "ninebest-demo/export/atlas/index.html").resolve()
+    assert f"atlas: {atlas.as_uri()}" in printed.splitlines()
+    html = atlas.read_text()
+    for layer in DEMO_EXPORT:
+        assert f"layer-{layer}.html" in html
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     blocks = [b for b in blocks if "ninebest-demo" in b]  # the examples that read the demo's output
     assert blocks, "README has no python example on the demo's output"

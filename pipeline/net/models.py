@@ -14,7 +14,10 @@ import hashlib
 import importlib
 import io
 import pickle
+import posixpath
+import urllib.parse
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torchvision
@@ -102,6 +105,18 @@ def _build_torchvision(name: str, weights_name: str | None) -> nn.Module:
             f"could not download torchvision weights {name}/{weights_name} ({e}); "
             "without internet, save a state dict and pass its path as --weights"
         ) from e
+
+
+def cached_weights(name: str) -> str | None:
+    """The file of torchvision's DEFAULT weights for model `name` in the local torch cache
+    (`torch.hub.get_dir()/checkpoints`, where a download puts it), or None if not downloaded."""
+    url = torchvision.models.get_model_weights(name).DEFAULT.url
+    path = (
+        Path(torch.hub.get_dir())
+        / "checkpoints"
+        / posixpath.basename(urllib.parse.urlparse(url).path)
+    )
+    return str(path) if path.is_file() else None
 
 
 def _build_factory(module_name: str, attr: str) -> nn.Module:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchvision
 
 from pipeline.errors import ConfigError, InputNotFoundError
-from pipeline.net.models import fingerprint, load_expected, load_model
+from pipeline.net.models import cached_weights, fingerprint, load_expected, load_model
 
 
 def tiny_state(seed: int) -> dict:
@@ -84,3 +85,16 @@ def test_fingerprint_covers_buffers():
     before = fingerprint(model)
     model.bn1.running_mean += 1
     assert fingerprint(model) != before
+
+
+def test_cached_weights_are_found_where_a_torchvision_download_puts_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert cached_weights("resnet18") is None
+    url = torchvision.models.ResNet18_Weights.DEFAULT.url
+    target = tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[1]
+    target.parent.mkdir(parents=True)
+    saved = torchvision.models.resnet18(weights=None)  # stands in for the downloaded weights
+    torch.save(saved.state_dict(), target)
+    found = cached_weights("resnet18")
+    assert found == str(target)
+    assert load_model("torchvision:resnet18", found).fingerprint == fingerprint(saved.eval())
