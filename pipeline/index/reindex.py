@@ -180,6 +180,7 @@ def incremental_shards(p: Plan, prev: Previous, delta: Delta, root: Store):
     members = _members(prev.store)
     shards, counts = [], {"shards_reused": 0, "shards_derived": 0}
     attempts = {entry["key"]: entry["attempt"] for entry in prev.manifest["shards"]}
+    listed = partials.committed(root)  # one listing answers "derived by an interrupted run?"
     previous = {_base(key): key for key in attempts if _in_container(key)}
     for shard in p.shards:  # containers: reused by key; one whose read failed is read again
         if shard.container is None:
@@ -204,7 +205,7 @@ def incremental_shards(p: Plan, prev: Previous, delta: Delta, root: Store):
         if not left:
             continue
         shard = shard_of(left, "d")
-        if derive(p, root, record, shard, gone):
+        if derive(p, root, record, shard, gone, listed):
             counts["shards_derived"] += 1
         shards.append(shard)  # recomputed by the map stage unless derived
     fresh = sorted(delta.new + delta.changed, key=lambda r: r.image_id)
@@ -223,9 +224,13 @@ def _members(prev: Store) -> dict[str, list[str]]:
     return members
 
 
-def derive(p: Plan, root: Store, record: AttemptRef, shard: Shard, gone: set[str]) -> bool:
-    """Commit `shard`'s partial as the previous partial minus `gone`, if that is still exact."""
-    if partials.read_commit(root, shard.key, p.run_fingerprint) is not None:
+def derive(
+    p: Plan, root: Store, record: AttemptRef, shard: Shard, gone: set[str], listed: set[str]
+) -> bool:
+    """Commit `shard`'s partial as the previous partial minus `gone`, if that is still exact.
+
+    `listed`: the shard keys with a commit record (`partials.committed`)."""
+    if shard.key in listed and partials.read_commit(root, shard.key, p.run_fingerprint):
         return True  # committed by an earlier, interrupted run of this reindex
     if not derivable(p.cfg):
         return False

@@ -14,7 +14,6 @@ import resource
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -46,7 +45,6 @@ from pipeline.store.partials import CommitRecord
 from pipeline.store.schemas import VERSIONS
 from pipeline.store.storage import Store
 
-COMMIT_READERS = 32  # commit records read at once when a run starts (resume, reindex)
 SHARDS_IN_FLIGHT = 2  # per map actor: the next shard decodes while the current one computes
 
 
@@ -73,9 +71,7 @@ def execute(
 
     `on_shard` runs after every finished shard (the reindex lock's heartbeat).
     """
-    with ThreadPoolExecutor(max_workers=COMMIT_READERS) as readers:  # one request each
-        found = readers.map(lambda s: partials.read_commit(root, s.key, p.run_fingerprint), shards)
-        records = dict(zip((s.key for s in shards), found, strict=True))
+    records = partials.read_commits(root, [s.key for s in shards], p.run_fingerprint)
     todo = [s for s in shards if records[s.key] is None]
     progress.start(len(shards), len(shards) - len(todo))
     map_started = time.time()

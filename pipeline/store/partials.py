@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import posixpath
 import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import NotRequired, TypedDict, cast
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import DataError
-from pipeline.store.layout import partial_commit, partial_table
+from pipeline.store.layout import COMMIT, PARTIALS, partial_commit, partial_table
 from pipeline.store.schemas import conform
 from pipeline.store.storage import Store
 
 RUN_KEY = b"ninebest.run"  # Parquet metadata: the run fingerprint that wrote the partial
+COMMIT_READERS = 32  # commit records read at once (resume, reindex): object-store latency
 
 
 class ShardReport(TypedDict):
@@ -99,12 +102,40 @@ def write(
     return record
 
 
+def committed(store: Store) -> set[str]:
+    """Keys of the shards with a commit record under partials/, of any run: one listing."""
+    found = store.glob(posixpath.join(PARTIALS, "*", COMMIT))
+    return {posixpath.basename(posixpath.dirname(rel)) for rel in found}
+
+
+def read_commits(
+    store: Store, shard_keys: Sequence[str], run_fingerprint: str
+) -> dict[str, CommitRecord | None]:
+    """`read_commit` of every shard, answered from one listing of partials/: only the records
+    it finds are read (COMMIT_READERS at a time), so a fresh run of N shards makes one request,
+    not N."""
+    listed = committed(store)
+    found: dict[str, CommitRecord | None] = dict.fromkeys(shard_keys)
+    present = [key for key in shard_keys if key in listed]
+    with ThreadPoolExecutor(max_workers=COMMIT_READERS) as readers:
+        records = readers.map(lambda key: _own_commit(store, key, run_fingerprint), present)
+        found.update(zip(present, records, strict=True))
+    return found
+
+
 def read_commit(store: Store, shard_key: str, run_fingerprint: str) -> CommitRecord | None:
     """The shard's commit record if it belongs to this run, else None (the shard must be run)."""
-    rel = partial_commit(shard_key)
-    if not store.exists(rel):
+    if not store.exists(partial_commit(shard_key)):
         return None
-    record = store.read_json(rel)
+    return _own_commit(store, shard_key, run_fingerprint)
+
+
+def _own_commit(store: Store, shard_key: str, run_fingerprint: str) -> CommitRecord | None:
+    """The shard's (existing) commit record if this run wrote it, else None."""
+    try:
+        record = store.read_json(partial_commit(shard_key))
+    except FileNotFoundError:  # removed since it was listed
+        return None
     if record.get("run") != run_fingerprint or record.get("shard") != shard_key:
         return None
     return cast(CommitRecord, record)

@@ -142,6 +142,13 @@ class Store:
             return []
         return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
 
+    def glob(self, pattern: str) -> list[str]:
+        """Paths relative to the root matching `pattern` (fsspec glob: one listing of its
+        prefix on an object store, not a request per name), sorted."""
+        prefix = self.root + "/"
+        found = self.fs.glob(self.path(pattern))
+        return sorted(str(e)[len(prefix) :] for e in found if str(e).startswith(prefix))
+
     def remove(self, rel: str) -> None:
         if self.exists(rel):
             self.fs.rm(self.path(rel), recursive=True)

@@ -121,6 +121,22 @@ def test_a_commit_of_another_run_or_shard_is_ignored(store):
     assert partials.read_commit(store, "000001-bb", OTHER_RUN) is None
 
 
+def test_commit_checks_are_answered_from_one_listing(store, monkeypatch):
+    mine = write(store, key="000000-aa")
+    write(store, key="000001-bb", run=OTHER_RUN)  # another run's commit: listed, then ignored
+    store.write_parquet(partial_table("000002-cc", "dddddddddddd", "topk"), topk(["z"], [9]))
+    keys = ["000000-aa", "000001-bb", "000002-cc", "000003-dd"]  # cc: attempt, no commit
+    assert partials.committed(store) == {"000000-aa", "000001-bb"}
+    reads: list[str] = []
+    read_json = store.read_json
+    monkeypatch.setattr(store, "read_json", lambda rel: reads.append(rel) or read_json(rel))
+    monkeypatch.setattr(store, "exists", lambda rel: pytest.fail(f"a request per shard: {rel}"))
+    found = partials.read_commits(store, keys, RUN)
+    assert found == {"000000-aa": mine, "000001-bb": None, "000002-cc": None, "000003-dd": None}
+    assert sorted(reads) == [partial_commit("000000-aa"), partial_commit("000001-bb")]
+    assert partials.read_commits(store, [], RUN) == {}
+
+
 def test_an_attempt_without_a_commit_is_never_read(store):
     first = write(store, attempt="aaaaaaaaaaaa", ids=("a.jpg",), values=(1,))
     # a dead attempt wrote its tables but never its commit
