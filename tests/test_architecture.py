@@ -17,6 +17,8 @@ LAYER = {  # higher imports lower, never the reverse; equal layers may not impor
     "dataset": 1, "net": 1, "cluster": 1, "store": 1,
     "config": 0, "progress": 0, "__init__": 0, "errors": -1,
 }  # fmt: skip
+LAZY = {("pipeline", "pipeline.api")}  # the package's `open` is api's, imported on first use (a
+# module __getattr__), so `import pipeline` loads nothing of api's layer (tests/test_api.py)
 SERVICES_MAY_USE = {"store"}  # the lowest service: others may read and write through it
 PURE = ["index/topk.py", "index/distinct.py", "index/stats.py", "net/receptive_field.py",
         "export/deconv.py", "export/tape.py", "export/cone.py"]  # fmt: skip
@@ -83,7 +85,7 @@ def test_no_import_cycles():
 def test_imports_point_down(name):
     for target in GRAPH[name]:
         a, b = top(name), top(target)
-        if a == b or b == "__init__" and target == "pipeline":
+        if a == b or b == "__init__" and target == "pipeline" or (name, target) in LAZY:
             continue
         if LAYER[a] == LAYER[b] == 1 and b in SERVICES_MAY_USE:
             continue
