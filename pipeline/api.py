@@ -23,11 +23,12 @@ import base64
 import html
 import io
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -75,7 +76,7 @@ def open_run(url: str | os.PathLike, storage_options: dict | None = None) -> Run
     return Run(root.url, store, read_manifest(store))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Run:
     """One complete index: its Store (the newest version) and manifest.json."""
 
@@ -132,7 +133,7 @@ class Run:
     def grid(self, layer: str, unit: int) -> Image.Image:
         """The unit's grid: the export's PNG if an export holds the unit, else its patches cut
         from the original images (`patch_grid`)."""
-        self._check(layer, unit)
+        unit = self._check(layer, unit)
         export = self.store.child(EXPORT_DIR)
         rel = grid_path(layer, unit)
         if export.exists(EXPORT_SUMMARY) and export.exists(rel):
@@ -141,16 +142,14 @@ class Run:
 
     def unit(self, layer: str, unit: int) -> UnitView:
         """One unit, shown in a notebook as its grid, stats line and top table."""
-        self._check(layer, unit)
-        return UnitView(self, layer, unit)
+        return UnitView(self, layer, self._check(layer, unit))
 
     def has(self, folder: str) -> bool:
         """Whether the index wrote the optional output `folder` (stats, samples, bottom)."""
         return bool(self.manifest.get("outputs", {}).get(folder))
 
     def _rows(self, folder: str, layer: str, unit: int) -> pd.DataFrame:
-        self._check(layer, unit)
-        return self._read(folder, layer, unit)
+        return self._read(folder, layer, self._check(layer, unit))
 
     def _read(self, folder: str, layer: str, unit: int | None) -> pd.DataFrame:
         """One layer's file of `folder`, only the row groups and rows of `unit` (None: all)."""
@@ -163,11 +162,19 @@ class Run:
         path = self.store.path(layer_file(folder, layer))
         return pq.read_table(path, filesystem=self.store.fs, filters=filters).to_pandas()
 
-    def _check(self, layer: str, unit: int | None) -> None:
-        """ConfigError naming the indexed layers, or the unit range, for a bad selection."""
+    @overload
+    def _check(self, layer: str, unit: int) -> int: ...
+    @overload
+    def _check(self, layer: str, unit: None) -> None: ...
+    def _check(self, layer: str, unit: int | None) -> int | None:
+        """The unit as an int (NumPy integers from a DataFrame welcome); ConfigError naming the
+        indexed layers, or the unit range, for a bad selection."""
         if not isinstance(layer, str):
             raise ConfigError(f"layer must be a name such as {next(iter(self.layers))!r}")
+        if isinstance(unit, numbers.Integral) and not isinstance(unit, bool):
+            unit = int(unit)
         choose(self.manifest, (layer,), None if unit is None else (unit,))
+        return unit
 
     def field_of(self, layer: str) -> ReceptiveField:
         """The layer's receptive field; the architecture only (weights are not needed)."""
@@ -176,6 +183,11 @@ class Run:
             crop = preprocess_of(self.manifest).crop
             self.fields[layer] = receptive_field(model, layer, (crop, crop))
         return self.fields[layer]
+
+    def __repr__(self) -> str:
+        images = self.manifest.get("counts", {}).get("indexed", "?")
+        layers = ", ".join(f"{name} ({units})" for name, units in self.layers.items())
+        return f"Run({self.store.uri('')!r}: {images} images; layers {layers})"
 
     def _repr_html_(self) -> str:
         counts = self.manifest.get("counts", {})
@@ -193,13 +205,17 @@ class Run:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class UnitView:
     """A unit for a notebook cell: `_repr_html_` shows its grid, stats line and top rows."""
 
     run: Run
     layer: str
     unit: int
+
+    def __repr__(self) -> str:
+        top = self.run.top(self.layer, self.unit)[TOP_COLUMNS].to_string(index=False)
+        return f"{self.layer} unit {self.unit}: {self.stats_line()}\n{top}"
 
     def _repr_html_(self) -> str:
         image = base64.b64encode(render.png(self.run.grid(self.layer, self.unit))).decode()

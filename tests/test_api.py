@@ -157,7 +157,7 @@ def test_stats_name_each_quantile_by_its_probability(run, out):
     assert (stats["count"] == manifest(out)["counts"]["indexed"]).all()
     assert (stats["histogram"].map(sum) == stats["count"]).all()  # the histogram is kept
     assert (stats["q0.5"] <= stats["q0.99"]).all() and (stats["q0.99"] <= stats["max"]).all()
-    one = run.stats("layer3", 17)
+    one = run.stats("layer3", np.int64(17))  # a unit as a DataFrame gives it
     pd.testing.assert_frame_equal(one, stats[stats.unit == 17].reset_index(drop=True))
 
 
@@ -183,7 +183,7 @@ def test_grid_is_the_exports_png_when_exported_else_cut_from_the_originals(run, 
     composed = patch_grid(run, "layer4", EXPORTED)
     panel = exported.crop((0, 0, (exported.width - PANEL_GAP) // 2, exported.height))
     np.testing.assert_array_equal(np.asarray(composed), np.asarray(panel.convert("RGB")))
-    other = run.grid("layer4", 3)  # not exported: composed
+    other = run.grid("layer4", np.int32(3))  # not exported: composed
     np.testing.assert_array_equal(np.asarray(other), np.asarray(patch_grid(run, "layer4", 3)))
     assert other.size == composed.size and np.asarray(other).std() > 0  # layer4's boxes: 224 px
     small = run.grid("layer3", 5)
@@ -201,6 +201,11 @@ def test_unit_html_embeds_the_grid_and_escapes_every_string(run, out):
     shown = Image.open(io.BytesIO(base64.b64decode(encoded.group(1))))
     np.testing.assert_array_equal(np.asarray(shown), np.asarray(run.grid("layer4", unit)))
     assert "fire rate" in page and "q0.99" in page and page.count("<tr>") == 1 + 9
+    images = manifest(out)["counts"]["indexed"]
+    assert images == 49  # the photographs and the one named as markup
+    text = repr(run.unit("layer4", unit))
+    assert text.startswith(f"layer4 unit {unit}: {images} images, mean ") and HOSTILE in text
+    assert repr(run).endswith(f"{images} images; layers layer3 (256), layer4 (512))")
     summary = run._repr_html_()
     assert "torchvision:resnet18" in summary and "layer3" in summary and ">512<" in summary
     assert f"{manifest(out)['counts']['indexed']} images" in summary
