@@ -118,6 +118,8 @@ def test_readme_example_runs_against_a_real_index(out, tmp_path, monkeypatch):
     expected = rows_of(out, "index", "layer4", 7).sort_values("rank", ignore_index=True)
     pd.testing.assert_frame_equal(namespace["top"], expected)
     assert list(namespace["top"]["rank"]) == list(range(1, 10))
+    expected = rows_of(out, "bottom", "layer4", 7).sort_values("rank", ignore_index=True)
+    pd.testing.assert_frame_equal(namespace["bottom"], expected)
     stats = namespace["stats"]
     assert (stats["count"] == manifest(out)["counts"]["indexed"]).all()
     assert stats.loc[7, "unit"] == 7 and "q0.99" in stats.columns
