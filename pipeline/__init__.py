@@ -7,9 +7,14 @@ torch, Ray and pandas.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers and editors see; at run time `__getattr__` imports it
+    from pipeline.api import Run, UnitView
+    from pipeline.api import open_run as open
 
 __version__ = "0.1.0"
+__all__ = ["Run", "UnitView", "__version__", "open"]
 LAZY = {"open": "open_run", "Run": "Run", "UnitView": "UnitView"}  # name here -> in pipeline.api
 
 

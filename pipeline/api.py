@@ -228,7 +228,8 @@ class UnitView:
         )
 
     def stats_line(self) -> str:
-        """'mean 0.12, std 0.3, fire rate 85%, q0.5 0.1, ...' (or why there is none)."""
+        """'49 images, mean 1.35, std 0.8, fire rate 100.0%, min 0.45, q0.001 ..., max 3.4' (or
+        why there is none)."""
         if not self.run.has(STATS_DIR):
             return f"no statistics: index with {RERUN[STATS_DIR]}"
         row = self.run.stats(self.layer, self.unit).iloc[0]
@@ -289,7 +290,11 @@ def _images(run: Run, ids: list[str]) -> dict[str, dict]:
     if not ids:
         return {}
     path = run.store.path(IMAGES)
-    table = pq.read_table(path, filesystem=run.store.fs, filters=[("image_id", "in", ids)])
+    present = pq.read_schema(path, filesystem=run.store.fs).names  # offset, bytes: images v2
+    columns = [c for c in ("image_id", "uri", "height", "width", "offset", "bytes") if c in present]
+    table = pq.read_table(
+        path, filesystem=run.store.fs, columns=columns, filters=[("image_id", "in", ids)]
+    )
     return {row["image_id"]: row for row in table.to_pylist()}
 
 
