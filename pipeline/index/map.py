@@ -144,7 +144,7 @@ class ShardIndexer:
     ) -> partials.CommitRecord:
         """Index one shard and commit its partial; return the commit record. `listed`: images
         in the whole dataset (the samples' threshold; default the shard's own count)."""
-        start = time.perf_counter()
+        start, started = time.perf_counter(), time.time()
         listed = listed or len(shard.refs)
         try:
             running, loaded, busy = self._index(shard, units, None, listed)
@@ -169,6 +169,7 @@ class ShardIndexer:
             "bad": sum(item.error is not None for item in loaded),
             "rows": topk_table.num_rows,
             "seconds": round(time.perf_counter() - start, 3),
+            "started": round(started, 3),
             "device_seconds": round(busy, 3),  # holding the device (forward passes)
             "device": str(self.device),
             "precision": self.precision,

@@ -37,6 +37,7 @@ class ShardReport(TypedDict):
     bad: int  # of which skipped (recorded in errors.parquet)
     rows: int  # rows in the partial's topk table
     seconds: NotRequired[float]  # compute time of the attempt
+    started: NotRequired[float]  # when the attempt began (unix time): fixed-cost measurements
     device: NotRequired[str]  # "cpu", "cuda:0", ...
     precision: NotRequired[str]  # "float32" or "bfloat16"; absent in records before --precision
     decode: NotRequired[str]  # "pil" or "device"; absent in records before --decode (pil)
