@@ -18,7 +18,7 @@ demo: setup
 	$(VENV)/bin/ninebest demo --out ninebest-demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 bench: setup
 	$(PY) bench/bench_map.py --write BENCHMARKS.md
