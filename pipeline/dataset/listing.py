@@ -9,6 +9,8 @@ slashes), or the URI exactly as a manifest writes it; an image inside a containe
 (`s3://bucket/laion/{00000..41407}.tar`, `/data/*.parquet`); ids are then relative to the
 pattern's fixed leading folder.
 
+A folder is walked one directory at a time in `image_id` order (`walk`), so `stream_images` can
+hand its refs on without holding the tree (`spill.plan_streamed` plans shards as they come).
 Loose images are sorted by `image_id` and cut into consecutive shards of `shard_size`; each
 container is one shard. A shard's key hashes its ids, file sizes and stamps (modification time or
 ETag, as the listing reports them), so a resumed run reuses a partial only for the same files.
@@ -20,6 +22,7 @@ import dataclasses
 import itertools
 import posixpath
 import re
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
@@ -27,6 +30,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.dataset.refs import ImageRef, kind_of
+from pipeline.dataset.walk import check_utf8, stamp, walk_folder
 from pipeline.errors import DataError, InputNotFoundError
 
 MANIFEST_SUFFIXES = (".txt", ".parquet")
@@ -44,7 +48,7 @@ def list_images(data: str, storage_options: dict | None = None) -> list[ImageRef
     elif not fs.exists(path):
         raise InputNotFoundError(f"--data {data!r} does not exist; pass a folder, URL or manifest")
     elif fs.isdir(path):
-        refs = _without_sidecars(_list_folder(fs, path))
+        refs = list(walk_folder(fs, path))  # sorted, sidecars dropped
     elif path.endswith(".parquet") and not _is_manifest(fs, path, data):
         refs = [_entry(fs, path, posixpath.basename(path), fs.info(path))]
     elif path.endswith(MANIFEST_SUFFIXES):
@@ -58,29 +62,24 @@ def list_images(data: str, storage_options: dict | None = None) -> list[ImageRef
             ".parquet of image bytes"
         )
     for ref in refs:
-        try:
-            ref.image_id.encode("utf-8")
-        except UnicodeEncodeError:
-            raise DataError(
-                f"file name {ref.image_id!r} under --data is not valid UTF-8; rename it "
-                "(image ids are stored as UTF-8 strings)"
-            ) from None
+        check_utf8(ref.image_id)
     return sorted(refs, key=lambda r: r.image_id)
+
+
+def stream_images(data: str, storage_options: dict | None = None) -> Iterator[ImageRef]:
+    """`list_images(data)` one ref at a time, in the same order: a folder is walked directory
+    by directory and never held (`walk.walk_folder`); manifests, patterns and single files are
+    listed in memory as `list_images` lists them (containers are one entry per file)."""
+    fs, path = fsspec.core.url_to_fs(data, **(storage_options or {}))
+    if fs.exists(path) and fs.isdir(path):
+        yield from walk_folder(fs, path)
+    else:
+        yield from list_images(data, storage_options)
 
 
 def _entry(fs: fsspec.AbstractFileSystem, path: str, image_id: str, info: dict) -> ImageRef:
     kind = kind_of(path) or "image"
-    return ImageRef(image_id, _uri(fs, path), info.get("size"), _stamp(info), kind)
-
-
-def _list_folder(fs: fsspec.AbstractFileSystem, root: str) -> list[ImageRef]:
-    root = root.rstrip("/")
-    found = fs.find(root, detail=True)
-    return [
-        _entry(fs, path, posixpath.relpath(path, root), info)
-        for path, info in found.items()
-        if info.get("type") == "file" and kind_of(path)
-    ]
+    return ImageRef(image_id, _uri(fs, path), info.get("size"), stamp(info), kind)
 
 
 def _without_sidecars(refs: list[ImageRef]) -> list[ImageRef]:
@@ -156,14 +155,6 @@ def _is_manifest(fs: fsspec.AbstractFileSystem, path: str, data: str) -> bool:
     return False
 
 
-def _stamp(info: dict) -> str | None:
-    """What changes when a file is rewritten: its ETag on object stores, else its mtime."""
-    for key in ("ETag", "etag", "mtime", "LastModified", "last_modified", "updated", "created"):
-        if info.get(key) is not None:
-            return str(info[key]).strip('"')
-    return None
-
-
 def _uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
@@ -208,7 +199,7 @@ def _stat(refs: list[ImageRef], storage_options: dict) -> list[ImageRef]:
             info = fs.info(path)
         except Exception:  # missing or unreachable: the map stage records why it cannot read it
             return ref
-        return dataclasses.replace(ref, size=info.get("size"), stamp=_stamp(info))
+        return dataclasses.replace(ref, size=info.get("size"), stamp=stamp(info))
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         return list(pool.map(stat, refs))

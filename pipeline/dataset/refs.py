@@ -45,6 +45,10 @@ class Shard:
         """The container this shard streams, or None for a shard of loose images."""
         return self.refs[0] if self.key.startswith(CONTAINER_KEY) else None
 
+    def load(self) -> Shard:
+        """The shard with its refs: itself (a `spill.SpilledShard` reads them back from disk)."""
+        return self
+
 
 def kind_of(path: str) -> str | None:
     """'image', a container kind ('tar', 'parquet'), or None for any other file."""
@@ -61,8 +65,13 @@ def plan_shards(refs: list[ImageRef], shard_size: int) -> list[Shard]:
     shards = []
     for ordinal, start in enumerate(range(0, len(loose), shard_size)):
         chunk = tuple(loose[start : start + shard_size])
-        shards.append(Shard(f"{ordinal:06d}-{data_fingerprint(chunk)[:16]}", chunk))
+        shards.append(Shard(loose_key(ordinal, chunk), chunk))
     return shards + [container_shard(ref) for ref in refs if ref.is_container]
+
+
+def loose_key(ordinal: int, chunk: list[ImageRef] | tuple[ImageRef, ...]) -> str:
+    """The key of the `ordinal`-th shard of loose images, holding `chunk`."""
+    return f"{ordinal:06d}-{data_fingerprint(chunk)[:16]}"
 
 
 def container_shard(ref: ImageRef) -> Shard:
@@ -79,7 +88,20 @@ def shard_of(refs: list[ImageRef] | tuple[ImageRef, ...], prefix: str) -> Shard:
 def data_fingerprint(refs: list[ImageRef] | tuple[ImageRef, ...]) -> str:
     """sha256 over every (image_id, size, stamp): changes when an image is added, removed or
     rewritten."""
-    digest = hashlib.sha256()
+    fingerprint = DataFingerprint()
     for ref in refs:
-        digest.update(f"{ref.image_id}\0{ref.size}\0{ref.stamp}\n".encode())
-    return digest.hexdigest()
+        fingerprint.update(ref)
+    return fingerprint.hexdigest()
+
+
+class DataFingerprint:
+    """`data_fingerprint` hashed one ref at a time, for a listing that is never held whole."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+
+    def update(self, ref: ImageRef) -> None:
+        self._digest.update(f"{ref.image_id}\0{ref.size}\0{ref.stamp}\n".encode())
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()

@@ -4,56 +4,96 @@ Everything a user can get wrong (model, weights, layers, data, output folder) is
 before anything is written to OUT. The run fingerprint hashes everything that changes a partial's
 content; a partial is reused (resume, reindex) only under the same fingerprint. OUT/run.json,
 the first file written, records it, so an OUT holding another run is refused.
+
+`stream_plan` (`ninebest index`) plans shards while a folder is listed and spills the loose
+images to local scratch (`dataset.spill`): the driver holds O(shards) records, and a shard's
+refs are read back when it is dispatched. `plan` holds the listing in memory (`reindex` compares
+it image by image with the previous version's). Both make the same shards, keys and data
+fingerprint.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import IndexConfig
-from pipeline.dataset.listing import list_images
+from pipeline.dataset.listing import list_images, stream_images
 from pipeline.dataset.refs import ImageRef, Shard, data_fingerprint, plan_shards
+from pipeline.dataset.spill import SpilledShard, plan_streamed
 from pipeline.errors import DataError
 from pipeline.index.samples import BANDS, SAMPLE
 from pipeline.index.stats import EDGES, SKETCH_K
 from pipeline.net.hooks import probe
 from pipeline.net.instrument import find_layers
-from pipeline.net.models import load_model
+from pipeline.net.models import LoadedModel, load_model
 from pipeline.store.layout import RUN_FILE
 from pipeline.store.schemas import VERSIONS
 from pipeline.store.storage import Store
 
 
 @dataclass(frozen=True)
-class Plan:
-    """What the driver validated and decided before the map stage."""
+class RunPlan:
+    """What the driver validated and decided before the map stage: all that a run needs."""
 
     cfg: IndexConfig
     model_fingerprint: str
     run_fingerprint: str
     data_fingerprint: str
     shapes: dict[str, tuple[int, ...]]  # layer -> (C,) or (C, H, W)
-    refs: list[ImageRef]  # every listed image, sorted by image_id
+    listed: int  # images and containers listed
+    shards: Sequence[Shard | SpilledShard]  # loose images first, in image_id order
+
+
+@dataclass(frozen=True)
+class Plan(RunPlan):
+    """A run plan that also holds the whole listing (reindex compares it with the last one)."""
+
     shards: list[Shard]
+    refs: list[ImageRef]  # every listed image, sorted by image_id
 
 
 def plan(cfg: IndexConfig) -> Plan:
-    """Validate the config against the model and data; nothing is written."""
+    """Validate the config against the model and data, the listing held in memory; nothing is
+    written."""
+    loaded, shapes = _validate(cfg)
+    refs = list_images(cfg.data, cfg.storage_options)
+    _check_listed(cfg, len(refs))
+    run_fp = run_fingerprint(cfg, loaded.fingerprint)
+    shards = plan_shards(refs, cfg.shard_size)
+    fingerprint = data_fingerprint(refs)
+    return Plan(cfg, loaded.fingerprint, run_fp, fingerprint, shapes, len(refs), shards, refs)
+
+
+def stream_plan(cfg: IndexConfig) -> RunPlan:
+    """`plan` with the listing streamed: a folder's loose images are cut into shards as they are
+    listed and spilled to local scratch, so the driver holds O(shards), not O(images)."""
+    loaded, shapes = _validate(cfg)
+    streamed = plan_streamed(stream_images(cfg.data, cfg.storage_options), cfg.shard_size)
+    _check_listed(cfg, streamed.listed)
+    run_fp = run_fingerprint(cfg, loaded.fingerprint)
+    return RunPlan(
+        cfg, loaded.fingerprint, run_fp, streamed.data_fingerprint, shapes, streamed.listed,
+        streamed.shards,
+    )  # fmt: skip
+
+
+def _validate(cfg: IndexConfig) -> tuple[LoadedModel, dict[str, tuple[int, ...]]]:
+    """The model, its weights and layers checked; the layers' output shapes."""
     loaded = load_model(cfg.model, cfg.weights, cfg.storage_options)
     layers = find_layers(loaded.module, cfg.layers)
-    shapes = probe(loaded.module, layers, cfg.preprocess.crop)
-    refs = list_images(cfg.data, cfg.storage_options)
-    if not refs:
+    return loaded, probe(loaded.module, layers, cfg.preprocess.crop)
+
+
+def _check_listed(cfg: IndexConfig, listed: int) -> None:
+    if not listed:
         raise DataError(
             f"--data {cfg.data!r} holds no images (looked for common image extensions, .tar and "
             ".parquet files)"
         )
-    run_fp = run_fingerprint(cfg, loaded.fingerprint)
-    shards = plan_shards(refs, cfg.shard_size)
-    return Plan(cfg, loaded.fingerprint, run_fp, data_fingerprint(refs), shapes, refs, shards)
 
 
 def run_fingerprint(cfg: IndexConfig, model_fingerprint: str) -> str:
@@ -96,7 +136,7 @@ def run_fingerprint(cfg: IndexConfig, model_fingerprint: str) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def write_run_file(store: Store, p: Plan) -> None:
+def write_run_file(store: Store, p: RunPlan) -> None:
     """Record the run's fingerprint in OUT: the first write, so an unwritable OUT fails here."""
     try:
         store.write_json(RUN_FILE, {"run": p.run_fingerprint, "config": p.cfg.to_json()})
@@ -104,7 +144,7 @@ def write_run_file(store: Store, p: Plan) -> None:
         raise DataError(f"cannot write to --out {store.url!r} ({e}); check that it exists") from e
 
 
-def check_out(store: Store, p: Plan) -> None:
+def check_out(store: Store, p: RunPlan) -> None:
     """Refuse an OUT that holds another run, or files that are not a ninebest run."""
     if store.exists(RUN_FILE):
         previous = store.read_json(RUN_FILE)

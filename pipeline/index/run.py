@@ -13,7 +13,7 @@ import platform
 import resource
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -23,10 +23,11 @@ from pipeline.cluster.connect import ray_session, ray_version
 from pipeline.cluster.pool import Pool
 from pipeline.config import IndexConfig
 from pipeline.dataset.refs import Shard
+from pipeline.dataset.spill import SpilledShard
 from pipeline.errors import DataError
 from pipeline.index.distinct import by_column
 from pipeline.index.map import ShardIndexer
-from pipeline.index.plan import Plan, check_out, plan, write_run_file
+from pipeline.index.plan import RunPlan, check_out, stream_plan, write_run_file
 from pipeline.index.reduce import merge_partials, write_images, write_index
 from pipeline.index.reduce_extra import (
     bottom_index,
@@ -51,7 +52,7 @@ SHARDS_IN_FLIGHT = 2  # per map actor: the next shard decodes while the current 
 def index(cfg: IndexConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Run the whole index job; return the manifest written to OUT/manifest.json."""
     started = time.time()
-    p = plan(cfg)
+    p = stream_plan(cfg)  # a folder's loose images spilled to scratch, not held
     store = Store(cfg.out, cfg.storage_options)
     check_out(store, p)
     write_run_file(store, p)
@@ -59,10 +60,10 @@ def index(cfg: IndexConfig, progress: Progress | None = None) -> dict[str, Any]:
 
 
 def execute(
-    p: Plan,
+    p: RunPlan,
     root: Store,
     target: Store,
-    shards: list[Shard],
+    shards: Sequence[Shard | SpilledShard],
     progress: Progress,
     started: float,
     on_shard: Callable[[], None] = lambda: None,
@@ -183,7 +184,7 @@ def check_bad_fraction(cfg: IndexConfig, store: Store, total: int, bad: int) -> 
 
 
 def _manifest(
-    p: Plan, records: list[CommitRecord], files: list[str], rows: int, total: int, bad: int
+    p: RunPlan, records: list[CommitRecord], files: list[str], rows: int, total: int, bad: int
 ) -> dict[str, Any]:
     return {
         "ninebest_version": __version__,
@@ -231,21 +232,23 @@ def _manifest(
 
 
 def map_shards(
-    p: Plan, todo: list[Shard], pool_sizes: list[dict[str, float]]
+    p: RunPlan, todo: list[Shard | SpilledShard], pool_sizes: list[dict[str, float]]
 ) -> Iterator[CommitRecord]:
     """Run `todo` on an actor pool; yield each shard's commit record as it finishes.
+
+    A shard's refs are loaded (a spilled one read back from scratch) only when it is dispatched.
 
     `pool_sizes` receives the pool's size over time ({"seconds", "actors"} at every change).
     """
     units = {name: shape[0] for name, shape in p.shapes.items()}
     args = (p.cfg, p.run_fingerprint, p.model_fingerprint)
     cfg = p.cfg
-    listed = len(p.refs)
+    listed = p.listed
     with Pool(ShardIndexer, args, cfg.workers, cfg.decode_threads, len(todo), cfg.worker_wait,
               cfg.gpus, in_flight=SHARDS_IN_FLIGHT) as pool:  # fmt: skip
         try:
             yield from pool.map(
-                "index_shard", todo, call=lambda s: (s, units, listed),
+                "index_shard", todo, call=lambda s: (s.load(), units, listed),
                 name=lambda s: f"shard {s.key}",
             )  # fmt: skip
         finally:
