@@ -8,7 +8,8 @@ shard is planned. `walk_folder` walks the tree depth first instead, with one
 order of the relative paths (what `sorted(refs, key=image_id)` gives): every path under a
 directory `d` starts with `d/`, and a sibling name (which holds no `/`) compares with all of them
 as it compares with `d/` (tests/dataset/test_walk.py checks it on random trees). The driver so
-holds one directory's entries per level of the path it is in, never the tree.
+holds one directory's entries per level of the path it is in, never the tree (object-store
+filesystems' listing caches are dropped as the walk goes).
 
 Entries are what `list_images` listed from a folder: files whose names have an image or
 container extension, ids relative to the root, sizes and stamps as the listing reports them,
@@ -48,6 +49,7 @@ def _children(fs: fsspec.AbstractFileSystem, path: str, root: str) -> list[str |
         listing = fs.ls(path, detail=True)
     except (FileNotFoundError, OSError):  # as fs.find (fs.walk's on_error="omit") skips it
         return []
+    fs.invalidate_cache(path)  # object stores (s3fs, gcsfs) would keep every listing otherwise
     keyed: list[tuple[str, str | ImageRef]] = []
     files: list[ImageRef] = []
     for info in listing:

@@ -11,6 +11,7 @@ from pathlib import Path
 import fsspec
 import pytest
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,6 +19,7 @@ from pipeline.dataset.listing import list_images, stream_images
 from pipeline.dataset.refs import ImageRef, kind_of
 from pipeline.dataset.walk import stamp, walk_folder
 from pipeline.errors import DataError
+from s3server import MotoS3, ProxyTrap, offline_aws_env
 
 # names that order differently as path components than as plain strings ('-' < '.' < '/' < '0'),
 # upper and lower case, and non-ASCII (code points above any ASCII, and beyond the BMP)
@@ -25,10 +27,10 @@ NAMES = ["a", "a.b", "a-", "a0", "a_", "A", "b", "é", "日本", "x\U0001f600", 
 SUFFIXES = ["", ".jpg", ".PNG", ".tar", ".parquet", ".txt", ".b"]
 
 
-def listed_before(data: str) -> list[ImageRef]:
+def listed_before(data: str, options: dict | None = None) -> list[ImageRef]:
     """Oracle: `list_images` of a folder before the walk (commit d5b108a): one `fs.find` of the
     whole tree, img2dataset sidecars dropped, sorted by image_id."""
-    fs, path = fsspec.core.url_to_fs(data)
+    fs, path = fsspec.core.url_to_fs(data, **(options or {}))
     root = path.rstrip("/")
     local = isinstance(fs, LocalFileSystem)
     refs = [
@@ -105,6 +107,57 @@ def test_each_directory_is_listed_once(tmp_path):
     assert len(list(walk_folder(fs, str(tmp_path)))) == 5
     rel = sorted(posixpath.relpath(p, str(tmp_path)) for p in listed)
     assert rel == [".", "a", "a/b", "a/b/c", "d"]
+
+
+class CachingFileSystem(MemoryFileSystem):
+    """Keeps every listing in `dircache`, as object-store filesystems (s3fs, gcsfs) do."""
+
+    protocol = "caching-memory"
+
+    def ls(self, path, detail=True, **kwargs):
+        self.dircache[path] = listing = super().ls(path, detail=True, **kwargs)
+        return listing if detail else [info["name"] for info in listing]
+
+    def invalidate_cache(self, path=None):
+        if path is None:
+            self.dircache.clear()
+        else:
+            self.dircache.pop(path, None)
+
+
+def test_walk_equals_the_sorted_find_listing_on_s3(monkeypatch):
+    trap = ProxyTrap()
+    for name, value in offline_aws_env(trap.port, "walk-key", "walk-secret").items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    server = MotoS3()
+    try:
+        server.client("walk-key", "walk-secret").create_bucket(Bucket="walk")
+        options = server.storage_options("walk-key", "walk-secret")
+        fs = fsspec.filesystem("s3", **options)
+        names = ["a.b/1.jpg", "a/2.jpg", "a-/3.png", "a/b/4.jpg", "日本/5.jpg", "a.jpg", "s/x.tar",
+                 "s/x.parquet", "s/y.parquet", "notes.txt"]  # fmt: skip
+        fs.pipe({f"walk/data/{name}": b"xy" for name in names})
+        walked = list(stream_images("s3://walk/data", options))
+        assert walked == listed_before("s3://walk/data", options)
+        assert [r.image_id for r in walked][:3] == ["a-/3.png", "a.b/1.jpg", "a.jpg"]
+        assert all(r.stamp and r.size == 2 and r.uri.startswith("s3://walk/data/") for r in walked)
+    finally:
+        server.stop()
+        trap.close()
+    assert not trap.strays()
+
+
+def test_the_walk_keeps_no_listing_cached():
+    fs = CachingFileSystem()
+    fs.pipe({f"/cached/{d}/{i}.jpg": b"x" for d in "abc" for i in range(3)})
+    try:
+        assert len(list(walk_folder(fs, "/cached"))) == 9
+        assert not fs.dircache
+    finally:
+        fs.rm("/cached", recursive=True)
 
 
 @pytest.mark.skipif(os.uname().sysname == "Darwin", reason="macOS refuses non-UTF-8 file names")
