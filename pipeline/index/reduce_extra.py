@@ -11,67 +11,75 @@ Outputs (relative to OUT), each one Parquet file per layer:
 
 All of them are merges of per-shard partial tables (partials.EXTRA), exact under any sharding:
 the bottom is the top-k of the negated activations (topk.merge's proof holds as it is); the
-statistics are sums, minima, maxima and mergeable sketches.
+statistics are sums, minima, maxima and mergeable sketches. Each is reduced as a tree of merges
+over groups of partials, on the cluster's CPUs when there are several groups
+(index/reduce_tree.py), like the index (`merge_index`).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import IndexConfig
+from pipeline.index import reduce_tree
 from pipeline.index.distinct import by_column, select_perceptual
-from pipeline.index.reduce import GlobalTopK, _read_ahead, merge_partials, read_topk
+from pipeline.index.reduce_tree import TopKJob, TreeReport
 from pipeline.index.samples import effective_threshold, select
 from pipeline.index.stats import StatsMerge
 from pipeline.index.topk import negated
-from pipeline.store import partials
 from pipeline.store.layout import SAMPLES_DIR, STATS_DIR, layer_file
 from pipeline.store.partials import CommitRecord
-from pipeline.store.schemas import conform, empty
+from pipeline.store.schemas import conform
 from pipeline.store.storage import Store
 
 
+def merge_index(
+    store: Store, records: Sequence[CommitRecord], cfg: IndexConfig, report: TreeReport | None
+) -> tuple[pa.Table, int | None]:
+    """(the run's index in schema "index", units short of k with --distinct perceptual, else
+    None): the exact global top-k, distinct as `cfg.distinct` asks, reduced as a tree of
+    merges on the cluster's CPUs (index/reduce_tree.py)."""
+    if cfg.distinct == "perceptual":
+        return perceptual_index(store, records, cfg, report)
+    job = TopKJob(cfg.k, by=by_column(cfg.distinct))
+    table, _ = reduce_tree.merge_topk(store, records, job, report, cfg.worker_wait)
+    return conform(table, "index"), None
+
+
 def perceptual_index(
-    store: Store, records: Sequence[CommitRecord], cfg: IndexConfig
+    store: Store,
+    records: Sequence[CommitRecord],
+    cfg: IndexConfig,
+    report: TreeReport | None = None,
 ) -> tuple[pa.Table, int]:
     """(the perceptual top-k, units short of k): the walk over each unit's top-depth contents.
 
     Each partial keeps its shard's top-`depth` contents per unit, so the merged top-`depth`
-    contents are exact (topk.merge with k = depth), and so is the walk over them.
+    contents are exact (topk.merge with k = depth), and so is the walk over them; the pHashes
+    of the contents come back with each group's merge.
     """
-    contents = merge_partials(store, records, cfg.depth, by="image_hash")
-    wanted = pc.unique(contents["image_hash"])
-    phashes: dict[str, int] = {}
-    read = functools.partial(partials.read_table, store, table="phash")
-    for table in _read_ahead(read, records, store):
-        table = table.filter(pc.is_in(table["image_hash"], value_set=wanted))
-        pairs = zip(table["image_hash"].to_pylist(), table["phash"].to_pylist(), strict=True)
-        phashes.update(pairs)
-    kept, short = select_perceptual(contents, phashes, cfg.k, cfg.near, cfg.depth)
+    job = TopKJob(cfg.depth, by="image_hash", phash=True)
+    contents, phashes = reduce_tree.merge_topk(store, records, job, report, cfg.worker_wait)
+    kept, short = select_perceptual(conform(contents, "index"), phashes, cfg.k, cfg.near, cfg.depth)
     return conform(kept, "index"), short
 
 
 def bottom_index(store: Store, records: Sequence[CommitRecord], cfg: IndexConfig) -> pa.Table:
     """The exact global bottom-K per unit (rank 1 the lowest), distinct like the index
     (perceptual runs: distinct content)."""
-    reducer = GlobalTopK(cfg.bottom, by=by_column(cfg.distinct))
-    read = functools.partial(read_topk, store, table="bottom")
-    for table in _read_ahead(read, records, store):
-        reducer.add(negated(table))  # stored as real activations; merged as the top of -a
-    return negated(conform(reducer.table(), "index"))
+    job = TopKJob(cfg.bottom, by=by_column(cfg.distinct), table="bottom", negate=True)
+    table, _ = reduce_tree.merge_topk(store, records, job, wait=cfg.worker_wait)  # top of -a
+    return negated(conform(table, "index"))
 
 
-def merge_stats(store: Store, records: Sequence[CommitRecord]) -> StatsMerge:
-    """Every shard's statistics merged, in shard order."""
-    merged = StatsMerge()
-    read = functools.partial(partials.read_table, store, table="stats")
-    for table in _read_ahead(read, records, store):
-        merged.add(table)
-    return merged
+def merge_stats(
+    store: Store, records: Sequence[CommitRecord], wait: float = reduce_tree.WAIT_SECONDS
+) -> StatsMerge:
+    """Every shard's statistics merged (a tree of merges: see index/reduce_tree.py)."""
+    return reduce_tree.merge_stats(store, records, wait)
 
 
 def write_stats(target: Store, merged: StatsMerge, layers: tuple[str, ...]) -> list[str]:
@@ -87,9 +95,7 @@ def write_stats(target: Store, merged: StatsMerge, layers: tuple[str, ...]) -> l
 def samples_index(store: Store, records: Sequence[CommitRecord], cfg: IndexConfig) -> pa.Table:
     """The samples across the range of every layer (schema "samples", see index/samples.py)."""
     limit = effective_threshold(records)
-    read = functools.partial(partials.read_table, store, table="samples")
-    kept = [t.filter(pc.less(t["priority"], limit)) for t in _read_ahead(read, records, store)]
-    rows = pa.concat_tables(kept) if kept else empty("samples_state")
+    rows = reduce_tree.merge_samples(store, records, limit, cfg.worker_wait)
     return select(rows, limit, cfg.samples or 0, by_column(cfg.distinct))
 
 

@@ -4,11 +4,14 @@ Everything a user can get wrong (model, weights, layers, data, output folder) is
 driver before anything is written to OUT. Shards already committed by an earlier run with the
 same fingerprint are reused (resume); the rest go to a pool of actors, one per GPU when the
 cluster has GPUs, else `workers` CPU actors. A shard whose actor dies is retried elsewhere.
+Once the map's actors are gone (their GPUs and CPUs back with the cluster), the reduce runs in
+the same Ray session as a tree of merges on the cluster's CPUs (index/reduce_tree.py).
 The manifest is written last: its presence means the index is complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import resource
 import time
@@ -19,24 +22,27 @@ from typing import Any
 import torch
 
 from pipeline import __version__
+from pipeline.cluster import tasks
 from pipeline.cluster.connect import ray_session, ray_version
 from pipeline.cluster.pool import Pool
 from pipeline.config import IndexConfig
 from pipeline.dataset.refs import Shard
 from pipeline.dataset.spill import SpilledShard
 from pipeline.errors import DataError
+from pipeline.index import reduce_tree
 from pipeline.index.distinct import by_column
 from pipeline.index.map import ShardIndexer
 from pipeline.index.plan import RunPlan, check_out, stream_plan, write_run_file
-from pipeline.index.reduce import merge_partials, write_images, write_index
+from pipeline.index.reduce import write_images, write_index
 from pipeline.index.reduce_extra import (
     bottom_index,
+    merge_index,
     merge_stats,
-    perceptual_index,
     samples_index,
     write_samples,
     write_stats,
 )
+from pipeline.index.reduce_tree import TreeReport, reduce_line
 from pipeline.index.samples import manifest_section
 from pipeline.index.stats import EDGES, PROBABILITIES, RANK_ERROR, SKETCH_K
 from pipeline.progress import Progress
@@ -70,20 +76,32 @@ def execute(
 ) -> dict[str, Any]:
     """Map the shards not yet committed under `root`, reduce all of them into `target`.
 
-    `on_shard` runs after every finished shard (the reindex lock's heartbeat).
+    `on_shard` runs after every finished shard (the reindex lock's heartbeat). One Ray session
+    serves the map and the reduce; the map's actors are gone before the reduce starts.
     """
+    with contextlib.ExitStack() as session:
+        return _execute(p, root, target, shards, progress, started, on_shard, session)
+
+
+def _execute(
+    p: RunPlan, root: Store, target: Store, shards: Sequence[Shard | SpilledShard],
+    progress: Progress, started: float, on_shard: Callable[[], None],
+    session: contextlib.ExitStack,
+) -> dict[str, Any]:  # fmt: skip
     records = partials.read_commits(root, [s.key for s in shards], p.run_fingerprint)
     todo = [s for s in shards if records[s.key] is None]
     progress.start(len(shards), len(shards) - len(todo))
     map_started = time.time()
     pool_sizes: list[dict[str, float]] = []
-    if todo:
-        with ray_session(p.cfg.address):
-            for record in map_shards(p, todo, pool_sizes):
-                records[record["shard"]] = record
-                progress.shard_done(record)
-                on_shard()
+    if todo or reduce_tree.wants_session(len(shards)):  # the reduce runs in it too
+        session.enter_context(ray_session(p.cfg.address))
+    held = tasks.held()  # before the pool: the reduce starts once no more is held
+    for record in map_shards(p, todo, pool_sizes) if todo else ():
+        records[record["shard"]] = record
+        progress.shard_done(record)
+        on_shard()
     map_seconds = time.time() - map_started
+    released = tasks.wait_released(held) if todo else 0.0  # the pool is closed: its actors are gone
     ordered = [_committed(records[s.key]) for s in shards]
     check_precisions(ordered)
     check_decodes(ordered)
@@ -92,11 +110,9 @@ def execute(
     total, bad = write_images(root, ordered, target)
     check_bad_fraction(p.cfg, target, total, bad)
     cfg = p.cfg
-    short = None
-    if cfg.distinct == "perceptual":
-        index_table, short = perceptual_index(root, ordered, cfg)
-    else:
-        index_table = merge_partials(root, ordered, cfg.k, by_column(cfg.distinct))
+    tree = TreeReport()
+    index_table, short = merge_index(root, ordered, cfg, tree)
+    progress.say(f"reduce: {reduce_line(tree)}")
     files = write_index(target, index_table, cfg.layers)
     manifest = _manifest(p, ordered, files, index_table.num_rows, total, bad)
     manifest["counts"]["computed_shards"] = len(todo)
@@ -104,6 +120,7 @@ def execute(
     manifest["distinct"] = {"mode": cfg.distinct, "by": by_column(cfg.distinct)}
     if short is not None:
         manifest["distinct"].update(near=cfg.near, depth=cfg.depth, perceptual_short=short)
+    manifest["reduce"] = {**tree.as_json(), "released_seconds": released}
     reduce_extra(cfg, root, target, ordered, manifest)
     manifest["timings"] = {
         "map_seconds": round(map_seconds, 3),
@@ -130,7 +147,7 @@ def reduce_extra(
         manifest["outputs"]["bottom"] = write_index(target, bottom, cfg.layers, BOTTOM_DIR)
         manifest["counts"]["bottom_rows"] = bottom.num_rows
     if cfg.stats:
-        merged = merge_stats(root, records)
+        merged = merge_stats(root, records, cfg.worker_wait)
         manifest["outputs"]["stats"] = write_stats(target, merged, cfg.layers)
         manifest["stats"] = {
             "probabilities": list(PROBABILITIES),

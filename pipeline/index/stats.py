@@ -7,7 +7,8 @@ sketch (k = SKETCH_K) and a histogram over fixed bins (EDGES, the same for every
     map:    RunningStats.add((B, U) values) per batch; on the device: count, mean and M2 (Chan's
             parallel update, float64), min, max, fires, histogram; the values wait on the device
             and go to the host sketches FLUSH rows at a time. `table` -> schema "stats_state".
-    reduce: StatsMerge.add(state table) per shard, in shard order; `table` -> schema "stats".
+    reduce: StatsMerge.add(state table) per shard, in shard order; `table` -> schema "stats";
+            `state` -> schema "stats_state" again (a group's merge, passed up a tree).
 
 Every field but the quantiles is exact (float64 sums: equal to numpy up to rounding). Each
 quantile's normalised rank is within RANK_ERROR of its probability (99% confidence, DataSketches'
@@ -139,6 +140,12 @@ class StatsMerge:
             return _finish(layer, _LayerState(0))
         return _finish(layer, self.layers[layer])
 
+    def state(self) -> pa.Table:
+        """Everything merged so far as one "stats_state" table (every layer, one row per unit),
+        which `add` takes back: a tree of merges (index/reduce_tree.py) passes it up."""
+        parts = [_state(name, state) for name, state in self.layers.items()]
+        return pa.concat_tables(parts) if parts else _state("", _LayerState(0))
+
     def quantiles(self, layer: str, probabilities: list[float]) -> np.ndarray:
         """(U, P) sketch quantiles of each unit of `layer` (NaN for a unit without images)."""
         sketches = self.layers[layer].sketches if layer in self.layers else []
@@ -178,6 +185,24 @@ class _LayerState:
         self.histogram[unit] += flat.reshape(len(unit), BINS)
         for u, blob in zip(unit, rows["sketch"].to_pylist(), strict=True):
             self.sketches[u].merge(kll_floats_sketch.deserialize(blob))
+
+
+def _state(layer: str, state: _LayerState) -> pa.Table:
+    units = len(state.count)
+    return pa.table(
+        {
+            "layer": pa.array([layer] * units, pa.string()),
+            "unit": pa.array(np.arange(units), pa.int32()),
+            "count": pa.array(state.count, pa.int64()),
+            "mean": pa.array(state.mean, pa.float64()),
+            "m2": pa.array(state.m2, pa.float64()),
+            "min": pa.array(state.min, pa.float32()),
+            "max": pa.array(state.max, pa.float32()),
+            "fires": pa.array(state.fires, pa.int64()),
+            "histogram": pa.array(list(state.histogram), pa.list_(pa.int64())),
+            "sketch": pa.array([s.serialize() for s in state.sketches], pa.binary()),
+        }
+    )
 
 
 def _finish(layer: str, state: _LayerState) -> pa.Table:
