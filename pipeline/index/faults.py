@@ -1,4 +1,5 @@
-"""Test-only fault injection for the map workers, driven by one environment variable.
+"""Test-only fault injection for the map workers and the reduce's tasks (after each partial
+they merge: index/reduce_tree.py), driven by one environment variable.
 
 NINEBEST_FAULTS="exit_once=/tmp/marker;delay=0.2" makes a worker
 - exit_once=PATH: kill its own process after the first batch of a shard, once per PATH (the

@@ -47,6 +47,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.cluster import tasks
+from pipeline.index import faults
 from pipeline.index.reduce import GlobalTopK, _read_ahead, read_topk
 from pipeline.index.stats import StatsMerge
 from pipeline.index.topk import negated
@@ -154,9 +155,16 @@ def topk_group(
     `job.phash`, the pHash of every content it keeps."""
     store = source.store()
     read = functools.partial(read_topk, store, table=job.table)
-    parts = _read_ahead(read, records, store)
+    parts = _faulty(_read_ahead(read, records, store))
     table = fold_topk((negated(p) for p in parts) if job.negate else parts, job.k, job.by)
     return table, (_phashes(store, records, table) if job.phash else {})
+
+
+def _faulty(parts: Iterator[pa.Table]) -> Iterator[pa.Table]:
+    """`parts`, with the test-only faults of index/faults.py after each (unset: none)."""
+    for part in parts:
+        faults.after_batch()
+        yield part
 
 
 def _phashes(store: Store, records: list[AttemptRef], kept: pa.Table) -> dict[str, int]:

@@ -251,7 +251,7 @@ def test_an_index_run_reduces_on_tasks_once_the_map_actors_are_gone(photos, tmp_
     tree_everywhere(monkeypatch, 1)
     cfg = IndexConfig(
         data=str(photos), out=str(tmp_path / "out"), model="tiny_models:tiny",
-        layers=("conv2", "fc"), batch_size=4, shard_size=12, decode_threads=1, workers=2,
+        layers=("conv2", "fc"), batch_size=8, shard_size=24, decode_threads=1, workers=2,
         stats=False,
     )  # fmt: skip
     manifest = index(cfg, Progress(quiet=True))
