@@ -47,6 +47,7 @@ U, K, DEPTH = 3_840, 9, 18  # ResNet-50 layer1..4 units; index k; partial rows p
 LAYERS = (256, 512, 1024, 2048)
 B_ROW = 170  # bytes per image in images.parquet [C]
 TABLES = 4  # partial tables read per shard with the defaults: topk, images, stats, samples [C]
+TREE_TABLES = 3  # of which the reduce's tasks read topk, stats, samples; the driver images [C]
 PUTS = 5  # per shard: those 4 tables and _COMMIT.json [C]
 GPU_PRICES = (3.0, 7.0)  # $ per GPU-hour [A7]
 PUT_PRICE, GET_PRICE, GB_MONTH = 0.005 / 1000, 0.0004 / 1000, 0.023  # S3 Standard [A7]
@@ -167,12 +168,14 @@ def times(d: Dataset, c: Counts, gpus: int) -> Times:
     before = listing + T_LIST + T_START  # listing, one partials/ listing, actor start
     t_shard = max(d.per_shard / R, T_FIX)  # two in flight: the fixed cost hides behind compute
     map_ = max(math.ceil(n / gpus) * t_shard, n * T_DRV)
-    # reduce: tasks on CORES cores, each reading its group's partials READERS at a time, then the
-    # driver writes images.parquet in one stream
-    reads = n * TABLES * T_REQ / (CORES * READERS) + n * c.partial_bytes / (BW * CORES)
+    # reduce: the driver streams every shard's images table into images.parquet (READERS reads in
+    # flight, one write stream); then one-CPU tasks on CORES cores read their groups' topk, stats
+    # and samples (READERS at a time on object stores) and merge, the driver folding the results
+    images = n * T_REQ / READERS + 2 * d.images * B_ROW / BW
+    tree_bytes = c.partial_bytes - d.per_shard * B_ROW
+    reads = n * TREE_TABLES * T_REQ / (CORES * READERS) + n * tree_bytes / (BW * CORES)
     merge = (c.partial_rows / R_RED + n * U * T_KLL) / CORES
-    images = d.images * B_ROW / BW
-    reduce = reads + merge + images
+    reduce = images + reads + merge
     busy = n * (d.per_shard / R) / 3600
     billed = gpus * (T_START + map_) / 3600  # GPU nodes scale from zero when the pool asks for
     # them, after the listing, and the actors are released before the reduce
