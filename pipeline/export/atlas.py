@@ -79,7 +79,9 @@ def index_page(summary: dict, by_layer: dict[str, list[dict]], pages: dict[str, 
         f"weights <code>{text(model['weights'])}</code> "
         f"(fingerprint <code>{text(model['fingerprint'][:12])}</code>). For each unit, the images "
         "that excite it most: the receptive field cut from the original (left grid) and its "
-        "deconvnet projection (right grid, 0 shown as grey).</p>\n",
+        "deconvnet projection (right grid, 0 shown as grey). Each unit's own page adds its "
+        "statistics and histogram, where in each patch it fires (a heat overlay, and a mask "
+        "at its 0.99 quantile), examples from across its range and its weakest images.</p>\n",
         "<h2>Layers</h2>\n<table>\n<tr><th>layer</th><th>units</th><th>rows</th>"
         "<th>activation mismatches</th><th>errors</th></tr>\n",
     ]

@@ -12,7 +12,9 @@ both bilinear with align_corners=False (torch's `F.interpolate`):
 
 Bilinear interpolation only mixes neighbouring cells, so the upsampled map never exceeds the
 map's maximum and peaks within one map cell of it: the overlay's hottest pixel lies where the
-index recorded (y, x).
+index recorded (y, x). The result is clamped to the map's [min, max], so that float rounding
+cannot leave it either (a constant map, as a linear layer's, stays exactly constant, and a mask
+at a threshold equal to the maximum stays empty).
 
 `overlay` blends the patch with a "hot" colour ramp (black, red, yellow, white) at opacity
 HEAT_ALPHA * t, t = heat / scale clipped to [0, 1]; the export's scale is the unit's top-1
@@ -73,6 +75,7 @@ def upsample(activation_map: Tensor, crop: int, box: Box, size: tuple[int, int])
     full = F.interpolate(grid, size=(crop, crop), mode="bilinear", align_corners=False)
     cut = full[:, :, top:bottom, left:right]  # (1, 1, h_in, w_in)
     heat = F.interpolate(cut, size=size, mode="bilinear", align_corners=False)  # (1, 1, h, w)
+    heat = heat.clamp(grid.min(), grid.max())  # rounding may not leave the map's range either
     return heat[0, 0].numpy()  # (h, w)
 
 

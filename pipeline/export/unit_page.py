@@ -82,9 +82,9 @@ def stats_line(row: dict[str, Any]) -> str:
 def stats_section(layer: str, unit: int, stats: UnitStats) -> str:
     row = stats.rows.get((layer, unit))
     if row is None:
-        why = stats.note or "no statistics for this unit"
-        return f'<section id="stats">\n<h2>Statistics</h2>\n<p class="muted">{text(why)}</p>\n' + (
-            "</section>\n"
+        why = text(stats.note or "no statistics for this unit")
+        return (
+            f'<section id="stats">\n<h2>Statistics</h2>\n<p class="muted">{why}</p>\n</section>\n'
         )
     quantiles = row["quantiles"] or [None] * len(stats.probabilities)
     head = "".join(f"<th>p{100 * p:g}</th>" for p in stats.probabilities)

@@ -72,7 +72,9 @@ def test_upsample_matches_the_numpy_oracle(height, width, crop, data):
     right = data.draw(st.integers(left + 1, crop))
     size = (data.draw(st.integers(1, 50)), data.draw(st.integers(1, 50)))
     expected = bilinear(bilinear(values, (crop, crop))[top:bottom, left:right], size)
-    got = upsample(torch.tensor(values, dtype=torch.float32), crop, (top, left, bottom, right), size)
+    got = upsample(
+        torch.tensor(values, dtype=torch.float32), crop, (top, left, bottom, right), size
+    )
     assert got.shape == size
     np.testing.assert_allclose(got, expected, atol=1e-4)
 
@@ -190,3 +192,12 @@ def test_upsample_refuses_boxes_outside_the_crop_or_empty(box):
         return
     with pytest.raises(AssertionError):
         upsample(torch.ones(2, 2), 4, box, (3, 3))
+
+
+def test_a_constant_map_stays_exactly_constant():
+    """A linear layer's 1x1 map: every pixel is the value itself, so a mask at a threshold equal
+    to it is empty (float rounding in the resizes would otherwise straddle it)."""
+    value = torch.tensor([[0.8805272579193115]])
+    heat = upsample(value, 224, (56, 15, 224, 224), (221, 220))
+    assert (heat == value.item()).all()
+    assert not mask(heat, value.item()).any()
