@@ -284,7 +284,9 @@ def test_changed_and_missing_files_are_reported_not_exported_to_a_url(tiny, orig
         column = pa.array(quantiles, stats.schema.field("quantiles").type)
         stats = stats.set_column(stats.schema.get_field_index("quantiles"), "quantiles", column)
         pq.write_table(stats, copy / "stats" / f"{layer}.parquet")
-    summary = export(copy.as_uri(), layers=("conv2", "fc"), progress=Progress(quiet=True))  # URL
+    summary = export(
+        copy.as_uri(), layers=("conv2", "fc"), units=(0, 1), progress=Progress(quiet=True)
+    )  # a URL
     assert summary["export"] == str(copy / "export")  # Store.uri: a plain path locally
     rows = pd.read_parquet(copy / "export" / "export.parquet")
     bad = rows[rows["image_id"].isin(moved)]
@@ -298,7 +300,7 @@ def test_changed_and_missing_files_are_reported_not_exported_to_a_url(tiny, orig
     assert (copy / "export" / "grids" / "fc" / "0.png").exists()
     assert bad["overlay_path"].isna().all() and bad["mask_path"].isna().all()
     masked = check_masks(copy, copy, good, oracle_maps(out, good))
-    assert masked >= 10  # masks with pixels in them, drawn as the oracle draws them
+    assert masked >= 5  # masks with pixels in them, drawn as the oracle draws them
 
 
 @pytest.fixture(scope="module")
@@ -368,7 +370,7 @@ def test_export_recomputes_from_the_pixels_the_index_decoded(decode, tmp_path):
     out = tmp_path / "out"
     cfg = IndexConfig(
         model="tiny_models:tiny", data=str(data), layers=TINY_LAYERS, out=str(out), workers=1,
-        batch_size=4, shard_size=4, **decode,
+        batch_size=4, shard_size=4, samples=0, **decode,
     )  # fmt: skip
     manifest = index(cfg, Progress(quiet=True))
     assert manifest["environment"]["decodes"] == [decode["decode"]]
