@@ -1,11 +1,16 @@
 """The atlas: a static site over an export, readable from file:// or any static server.
 
-`write(store, rows, summary, grids, pages)` writes, under the export folder:
+`write(store, rows, summary, grids, pages, history, stats, manifest)` writes, under the export
+folder:
 
-    atlas/index.html           the model, the first-layer filters, and one link per layer
-    atlas/layer-<name>.html    one section per unit: its grid (patches beside projections) and a
-                               table of rank, activation, recomputed activation, image id, box,
-                               and links to the patch and projection PNGs
+    atlas/index.html               the model, the first-layer filters, and one link per layer
+    atlas/layer-<name>.html        one section per unit: its stats line, its grid (top patches
+                                   beside projections), a table of rank, activation, recomputed
+                                   activation, image id, box, and links to the row's PNGs, and a
+                                   link to the unit's page
+    atlas/unit-<name>-<unit>.html  one page per unit (`unit_page`): statistics and histogram,
+                                   the top images with their heat overlays and masks, the
+                                   examples across the range by band, and the bottom
 
 No JavaScript and no framework: plain HTML with inline CSS, relative URLs, `loading="lazy"` images
 with their sizes given (so the page does not jump), and a Content-Security-Policy that forbids
@@ -15,48 +20,16 @@ every URL is built from the export's own safe file names, percent-encoded.
 
 from __future__ import annotations
 
-import html
-import urllib.parse
 from collections.abc import Iterable
-from typing import Any
 
+from pipeline.export.page import HEAD, TAIL, text, url
+from pipeline.export.unit_page import stats_line, unit_page
+from pipeline.export.unit_stats import UnitStats
 from pipeline.store.layout import ATLAS_INDEX, atlas_page
+from pipeline.store.layout import unit_page as unit_page_path
 from pipeline.store.storage import Store
 
-HEAD = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy" content="script-src 'none'; object-src 'none'; \
-base-uri 'none'; form-action 'none'">
-<link rel="icon" href="data:,">
-<title>{title}</title>
-<style>
-body {{ font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }}
-table {{ border-collapse: collapse; margin: .5em 0 1.5em; }}
-th, td {{ border-bottom: 1px solid #ddd; padding: 2px 8px; text-align: left; vertical-align: top; }}
-td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
-.id {{ overflow-wrap: anywhere; max-width: 40em; }}
-.bad {{ color: #b00; }}
-img.grid {{ max-width: 100%; height: auto; image-rendering: pixelated; border: 1px solid #ccc; }}
-nav.units a {{ margin-right: .4em; }}
-section {{ margin-top: 2em; }}
-</style>
-</head>
-<body>
-"""
-TAIL = "</body>\n</html>\n"
-
-
-def text(value: Any) -> str:
-    """Any value as escaped HTML text (quotes too, so it is also safe inside attributes)."""
-    return html.escape(str(value), quote=True)
-
-
-def url(path: str) -> str:
-    """A relative URL for a path of ours, percent-encoded and escaped for an attribute."""
-    return text(urllib.parse.quote(path))
+__all__ = ["HEAD", "TAIL", "text", "url", "write"]
 
 
 def write(
@@ -66,19 +39,33 @@ def write(
     grids: dict[str, tuple[int, int]],
     pages: dict[str, str],
     history: dict[tuple[str, int], list[dict]] | None = None,
+    stats: UnitStats | None = None,
+    manifest: dict | None = None,
 ) -> str:
     """Write the atlas under `store` (the export folder); return the index page's path.
 
     rows: export rows (schema "export"); grids: grid path -> (width, height); pages: layer ->
     its safe file name part; history: (layer, unit) -> that unit's rows in every version of a
-    reindexed output (`versions.history`), shown under the unit when there are several.
+    reindexed output (`versions.history`), shown under the unit when there are several; stats:
+    the units' statistics; manifest: the index's (for the samples' band ranges).
     """
+    stats = stats or UnitStats()
+    bands = (manifest or {}).get("samples", {}).get("bands", {})
     by_layer: dict[str, list[dict]] = {layer: [] for layer in pages}
     for row in rows:
         by_layer[row["layer"]].append(row)
     for layer, layer_rows in by_layer.items():
-        page = layer_page(layer, layer_rows, grids, history or {})
+        page = layer_page(layer, layer_rows, grids, history or {}, stats, pages[layer])
         store.write_bytes(atlas_page(pages[layer]), page.encode("utf-8"))
+        units: dict[int, list[dict]] = {}
+        for row in layer_rows:
+            units.setdefault(row["unit"], []).append(row)
+        href = atlas_page(pages[layer]).rsplit("/", 1)[-1]
+        for unit, unit_rows in units.items():
+            path = unit_rows[0]["grid_path"]
+            grid = (path, grids[path]) if path in grids else None
+            html_ = unit_page(layer, unit, unit_rows, href, grid, stats, bands)
+            store.write_bytes(unit_page_path(pages[layer], unit), html_.encode("utf-8"))
     store.write_bytes(ATLAS_INDEX, index_page(summary, by_layer, pages).encode("utf-8"))
     return ATLAS_INDEX
 
@@ -92,7 +79,9 @@ def index_page(summary: dict, by_layer: dict[str, list[dict]], pages: dict[str, 
         f"weights <code>{text(model['weights'])}</code> "
         f"(fingerprint <code>{text(model['fingerprint'][:12])}</code>). For each unit, the images "
         "that excite it most: the receptive field cut from the original (left grid) and its "
-        "deconvnet projection (right grid, 0 shown as grey).</p>\n",
+        "deconvnet projection (right grid, 0 shown as grey). Each unit's own page adds its "
+        "statistics and histogram, where in each patch it fires (a heat overlay, and a mask "
+        "at its 0.99 quantile), examples from across its range and its weakest images.</p>\n",
         "<h2>Layers</h2>\n<table>\n<tr><th>layer</th><th>units</th><th>rows</th>"
         "<th>activation mismatches</th><th>errors</th></tr>\n",
     ]
@@ -117,10 +106,19 @@ def index_page(summary: dict, by_layer: dict[str, list[dict]], pages: dict[str, 
     return "".join(parts)
 
 
-def layer_page(layer: str, rows: list[dict], grids: dict[str, tuple[int, int]], history) -> str:
+def layer_page(
+    layer: str,
+    rows: list[dict],
+    grids: dict[str, tuple[int, int]],
+    history,
+    stats: UnitStats,
+    page: str,
+) -> str:
+    """The layer's page: per unit its stats line, grid and top rows, and a link to its page."""
     units: dict[int, list[dict]] = {}
     for row in rows:
-        units.setdefault(row["unit"], []).append(row)
+        if row["kind"] == "top":
+            units.setdefault(row["unit"], []).append(row)
     links = " ".join(f'<a href="#unit-{unit}">{unit}</a>' for unit in units)
     parts = [
         HEAD.format(title=f"ninebest: {text(layer)}"),
@@ -129,20 +127,28 @@ def layer_page(layer: str, rows: list[dict], grids: dict[str, tuple[int, int]], 
         f'<nav class="units">Units: {links}</nav>\n',
     ]
     parts.extend(
-        unit_section(layer, unit, unit_rows, grids) + history_table(history.get((layer, unit), []))
+        unit_section(layer, unit, unit_rows, grids, stats, page)
+        + history_table(history.get((layer, unit), []))
         for unit, unit_rows in units.items()
     )
     parts.append(TAIL)
     return "".join(parts)
 
 
-def unit_section(layer: str, unit: int, rows: list[dict], grids: dict) -> str:
+def unit_section(
+    layer: str, unit: int, rows: list[dict], grids: dict, stats: UnitStats, page: str
+) -> str:
     path = rows[0]["grid_path"]
+    row = stats.rows.get((layer, unit))
+    line = stats_line(row) if row is not None else ""
+    own = unit_page_path(page, unit).rsplit("/", 1)[-1]
     width, height = grids.get(path, (0, 0))
     size = f' width="{width}" height="{height}"' if width else ""
     alt = f"{layer} unit {unit}: top images (left) and their deconvnet projections (right)"
     return (
-        f'<section id="unit-{unit}">\n<h2>Unit {unit}</h2>\n'
+        f'<section id="unit-{unit}">\n<h2>Unit {unit}</h2>\n{line}'
+        f'<p><a class="unit-page" href="{url(own)}">unit {unit}: statistics, where it fires, '
+        "examples across the range, bottom</a></p>\n"
         f'<p><a href="{url("../" + path)}"><img class="grid" src="{url("../" + path)}"{size} '
         f'loading="lazy" alt="{text(alt)}"></a></p>\n'
         "<table>\n<tr><th>rank</th><th>activation</th><th>recomputed</th><th>image</th>"
@@ -188,6 +194,10 @@ def row_html(row: dict) -> str:
 
 
 def _links(row: dict) -> Iterable[str]:
-    for key, label in (("patch_path", "patch"), ("projection_path", "projection")):
+    labels = (
+        ("patch_path", "patch"), ("projection_path", "projection"),
+        ("overlay_path", "overlay"), ("mask_path", "mask"),
+    )  # fmt: skip
+    for key, label in labels:
         if row[key] is not None:
             yield f'<a href="{url("../" + row[key])}">{label}</a>'

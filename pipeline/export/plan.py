@@ -1,5 +1,8 @@
 """What the export driver decides before any write: the selection, one row per (layer, unit,
-rank) with its boxes and file names, and the tasks the actors run.
+kind, band, rank) with its boxes and file names, and the tasks the actors run.
+
+Rows are the unit's top-k (the index), and where the index has them its examples across the
+range (samples/) and its bottom (bottom/), all rendered alike but for the deconvnet (top only).
 
 Rows are grouped by image and packed into tasks of about TASK_ROWS rows, so each image is read
 and decoded once; the grid pass takes UNITS_PER_GRID_TASK units a task.
@@ -19,8 +22,19 @@ from pipeline.config import Preprocess
 from pipeline.dataset.preprocess import geometry
 from pipeline.errors import ConfigError, DataError
 from pipeline.export.records import ImageJob, PlanRow, UnitGrid
+from pipeline.export.unit_stats import UnitStats
 from pipeline.net.receptive_field import receptive_field
-from pipeline.store.layout import IMAGES, MANIFEST, grid_path, index_file, output_paths
+from pipeline.store.layout import (
+    BOTTOM_DIR,
+    IMAGES,
+    MANIFEST,
+    ROW_KINDS,
+    SAMPLES_DIR,
+    grid_path,
+    index_file,
+    layer_file,
+    row_files,
+)
 from pipeline.store.storage import Store
 
 TASK_ROWS = 64  # rows per task (images are never split between tasks)
@@ -77,48 +91,104 @@ def preprocess_of(manifest: dict) -> Preprocess:
 
 
 def plan_rows(
-    store: Store, chosen: dict[str, list[int]], model: nn.Module, pre: Preprocess
+    store: Store,
+    chosen: dict[str, list[int]],
+    model: nn.Module,
+    pre: Preprocess,
+    manifest: dict | None = None,
+    stats: UnitStats | None = None,
 ) -> list[PlanRow]:
-    """Every index row of the chosen units with its boxes and output paths, in schema order."""
-    tables, sizes = read_rows(store, chosen)
+    """Every row of the chosen units with its boxes and output paths, in export.v2 order.
+
+    The rows are the index's (top), and where the index has them (manifest.json outputs) its
+    samples and bottom; masks get the unit's threshold from `stats` (none without statistics).
+    """
+    tables, sizes = read_rows(store, chosen, manifest or {})
+    bands = list((manifest or {}).get("samples", {}).get("bands", {}))
+    stats = stats or UnitStats()
     rows: list[PlanRow] = []
-    for layer, table in tables.items():
+    for layer, found in tables.items():
         field = receptive_field(model, layer, (pre.crop, pre.crop))
-        for row in table.to_pylist():
+        scale = {r["unit"]: r["activation"] for r in found if r["kind"] == "top" and r["rank"] == 1}
+        for row in sorted(found, key=lambda r: _order(r, bands)):
             image = sizes[row["image_id"]]
             box = field.box(row["y"], row["x"])  # (top, left, bottom, right) in the crop
             original = geometry(image["height"], image["width"], pre).to_original(*box)
-            patch, proj = output_paths(layer, row["unit"], row["rank"], row["image_id"])
+            files = row_files(layer, row["unit"], row["rank"], row["image_id"], row["kind"],
+                              row["band"])  # fmt: skip
             empty = _empty(box) or _empty(original)  # a unit that sees only padding
+            threshold = stats.threshold(layer, row["unit"])
+            top_scale = scale.get(row["unit"])
             rows.append(
                 PlanRow(
-                    layer=row["layer"], unit=row["unit"], rank=row["rank"],
-                    activation=row["activation"], image_id=row["image_id"],
+                    layer=row["layer"], unit=row["unit"], kind=row["kind"], band=row["band"],
+                    rank=row["rank"], activation=row["activation"], image_id=row["image_id"],
                     image_hash=row["image_hash"], y=row["y"], x=row["x"],
                     row=len(rows), uri=image["uri"], offset=image.get("offset"),
                     size=image.get("bytes"), input_box=box, box=original,
-                    patch_path=None if empty else patch, projection_path=None if empty else proj,
+                    patch_path=None if empty else files.patch,
+                    projection_path=None if empty or row["kind"] != "top" else files.projection,
+                    overlay_path=None if empty else files.overlay,
+                    mask_path=None if empty or threshold is None else files.mask,
+                    mask_threshold=threshold,
+                    heat_scale=top_scale if top_scale is not None and top_scale > 0 else None,
                     grid_path=grid_path(layer, row["unit"]),
                 )
             )  # fmt: skip
     return rows
 
 
-def read_rows(store: Store, chosen: dict[str, list[int]]) -> tuple[dict[str, pa.Table], dict]:
-    """The index rows of the chosen units per layer, and each of their images' uri and size."""
-    tables = {}
+def _order(row: dict, bands: list[str]) -> tuple:
+    """export.v2 order within a layer: unit, kind (top, sample, bottom), band, rank."""
+    band = bands.index(row["band"]) if row["band"] in bands else len(bands)
+    return row["unit"], ROW_KINDS.index(row["kind"]), band, row["band"] or "", row["rank"]
+
+
+def read_rows(
+    store: Store, chosen: dict[str, list[int]], manifest: dict | None = None
+) -> tuple[dict[str, list[dict]], dict]:
+    """The rows of the chosen units per layer (each with its kind, band and rank), and each of
+    their images' uri and size. Samples and bottom are read where manifest.json lists them."""
+    listed = (manifest or {}).get("outputs", {})
+    tables: dict[str, list[dict]] = {}
     for layer, units in chosen.items():
-        table = store.read_parquet(index_file(layer))
-        table = table.filter(pc.is_in(table["unit"], pa.array(units, pa.int32())))
-        tables[layer] = table.sort_by([("unit", "ascending"), ("rank", "ascending")])
-    if not any(table.num_rows for table in tables.values()):
+        tables[layer] = _kind_rows(store, index_file(layer), units, "top")
+        for kind, folder in (("sample", SAMPLES_DIR), ("bottom", BOTTOM_DIR)):
+            path = layer_file(folder, layer)
+            if path in (listed.get(OUTPUT_KEYS[kind]) or ()):
+                tables[layer] += _kind_rows(store, path, units, kind)
+    if not any(row["kind"] == "top" for rows in tables.values() for row in rows):
         raise DataError(f"the index at {store.url!r} holds no rows for the chosen units")
-    needed = pc.unique(pa.chunked_array([t["image_id"] for t in tables.values()]))
+    needed = pa.array(sorted({row["image_id"] for rows in tables.values() for row in rows}))
     images = store.read_parquet(IMAGES)
     where = [name for name in ("offset", "bytes") if name in images.column_names]  # images v2
     images = images.select(["image_id", "uri", "height", "width", *where])
     images = images.filter(pc.is_in(images["image_id"], needed))
     return tables, {image["image_id"]: image for image in images.to_pylist()}
+
+
+OUTPUT_KEYS = {"sample": "samples", "bottom": "bottom"}  # manifest.json outputs
+
+
+def _kind_rows(store: Store, path: str, units: list[int], kind: str) -> list[dict]:
+    """One file's rows of `units`, marked with `kind`; samples ranked within (unit, band) in
+    the file's order (lowest priority first), as samples.v1 sorts them."""
+    if not store.exists(path):
+        raise DataError(
+            f"the index at {store.url!r} lists {path} but it is missing; the index is "
+            f"incomplete: rerun `ninebest index` with the same --out to finish it"
+        )
+    table = store.read_parquet(path)
+    table = table.filter(pc.is_in(table["unit"], pa.array(units, pa.int32())))
+    rows = table.to_pylist()
+    seen: dict[tuple[int, str], int] = {}
+    for row in rows:
+        row["kind"] = kind
+        row.setdefault("band", None)
+        if kind == "sample":
+            key = (row["unit"], row["band"])
+            seen[key] = row["rank"] = seen.get(key, 0) + 1
+    return rows
 
 
 def _empty(box: tuple[int, int, int, int]) -> bool:
@@ -156,11 +226,12 @@ def pack(rows: list[PlanRow]) -> list[Task]:
 
 
 def grid_tasks(rows: Sequence[Mapping[str, Any]]) -> list[Task]:
-    """One item per unit: its grid path and its patch / projection paths in rank order.
-
-    `rows` are the export table's, whose paths are null where a row could not be rendered."""
+    """One item per unit: its grid path and its top rows' patch / projection paths in rank
+    order. `rows` are the export table's, whose paths are null where a row could not be rendered."""
     units: dict[str, UnitGrid] = {}
     for row in rows:
+        if row["kind"] != "top":
+            continue
         unit = units.setdefault(
             row["grid_path"], UnitGrid(grid_path=row["grid_path"], patches=[], projections=[])
         )

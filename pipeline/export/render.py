@@ -1,11 +1,15 @@
-"""The export's worker side: original files and index rows become patch, projection and grid PNGs.
+"""The export's worker side: original files and rows become patch, projection, overlay, mask and
+grid PNGs.
 
 `Renderer` is a plain class (tests can run it without Ray; `export` wraps it in a Ray actor). It
 loads the model once; `export_images` reads, decodes (EXIF orientation applied) and verifies each
-image once, cuts every row's patch from the full-resolution original, runs the deconvnet for all
-rows of the task, per layer in passes of whole images (`passes`; `cone.project_rows` runs each
-image forward once and projects each row inside its cone), recomputing each activation, and
-writes the PNGs; `render_grids` composes unit grids from those PNGs. The image functions are pure:
+image once, cuts every row's patch from the full-resolution original, then per layer in passes of
+whole images (`passes`) runs the model to the layer once (`heat.unit_maps`: each row's map gives
+its recomputed activation at (y, x), its heat overlay and its mask, see `heat`) and, for the top
+rows only, the deconvnet (`cone.project_rows` runs each image forward once and projects each row
+inside its cone; samples and bottom rows get no projection: the backward is the export's main
+cost, and a bottom row's seed is the unit's weakest response, often 0: a grey picture). It writes
+the PNGs; `render_grids` composes unit grids from the top rows' PNGs. The image functions are pure:
 
 * `cut(image, box)`: the exact pixels of a half-open (top, left, bottom, right) box.
 * `projection_image(projection, std)`: a projection (3, h, w) in normalised-input space becomes a
@@ -43,6 +47,7 @@ from pipeline.dataset.jpeg import model_input
 from pipeline.dataset.preprocess import normalize, to_uint8
 from pipeline.errors import DataError
 from pipeline.export.cone import project_rows
+from pipeline.export.heat import mask, mask_image, overlay, unit_maps, upsample
 from pipeline.export.records import ImageJob, Outcome, PlanRow, UnitGrid
 from pipeline.net.device import pick_device
 from pipeline.net.models import load_expected
@@ -85,50 +90,64 @@ class Renderer:
         self.store = Store(settings.export_url, settings.storage_options)
 
     def export_images(self, jobs: tuple[ImageJob, ...]) -> list[Outcome]:
-        """Patches and projections of every row of these images; per row, the outcome."""
+        """Patches, projections, overlays and masks of every row of these images; per row, the
+        outcome."""
         with ThreadPoolExecutor(self.s.threads) as pool:
-            loaded = list(pool.map(self._load, jobs))  # [(ImageJob, pixels | None, error)]
+            loaded = list(pool.map(self._load, jobs))  # [(ImageJob, pixels, image, error)]
             outcome = {
-                row["row"]: Outcome(row=row["row"], recomputed=None, error=error)
-                for job, _, error in loaded
+                row["row"]: Outcome(
+                    row=row["row"], recomputed=None, mask_fraction=None, error=error
+                )
+                for job, _, _, error in loaded
                 if error is not None
                 for row in job.rows
             }
-            # `_load` gives pixels exactly when it gives no error
-            good = [(job, pixels) for job, pixels, _ in loaded if pixels is not None]
+            # `_load` gives pixels and the image exactly when it gives no error
+            good = [(job, px, im) for job, px, im, _ in loaded if px is not None and im is not None]
             if good:
-                stack = torch.stack([pixels for _, pixels in good])  # (N, 3, crop, crop) uint8
-                pairs = [(row, i) for i, (job, _) in enumerate(good) for row in job.rows]
-                for row, value in self._project(stack, pairs, pool):
-                    outcome[row["row"]] = Outcome(row=row["row"], recomputed=value, error=None)
+                stack = torch.stack([pixels for _, pixels, _ in good])  # (N, 3, crop, crop) uint8
+                originals = [image for _, _, image in good]
+                pairs = [(row, i) for i, (job, _, _) in enumerate(good) for row in job.rows]
+                for row, value, fraction in self._render(stack, originals, pairs, pool):
+                    outcome[row["row"]] = Outcome(
+                        row=row["row"], recomputed=value, mask_fraction=fraction, error=None
+                    )
         return list(outcome.values())
 
-    def _load(self, job: ImageJob) -> tuple[ImageJob, torch.Tensor | None, str | None]:
-        """Read, decode and verify one image, write its patches; return the model input."""
+    def _load(
+        self, job: ImageJob
+    ) -> tuple[ImageJob, torch.Tensor | None, Image.Image | None, str | None]:
+        """Read, decode and verify one image, write its patches; return the model input and the
+        oriented original (kept for the overlays: a task holds at most TASK_ROWS images)."""
         try:
             data = read_bytes(job.uri, self.s.storage_options, job.offset, job.size)
             decoded = decode(data, self.s.preprocess.max_pixels, self.s.preprocess.resize)
         except (BadImage, OSError, DataError) as e:
-            return job, None, f"unreadable at export: {str(e) or type(e).__name__}"
+            return job, None, None, f"unreadable at export: {str(e) or type(e).__name__}"
         if decoded.image_hash != job.image_hash:
             changed = f"sha256 {decoded.image_hash[:12]}, indexed {job.image_hash[:12]}"
-            return job, None, f"file changed since indexing ({changed}); re-run the index"
+            return job, None, None, f"file changed since indexing ({changed}); re-run the index"
         for row in job.rows:
             if row["patch_path"] is not None:
                 patch = cut(decoded.image, row["box"])
                 self.store.write_bytes(row["patch_path"], png(patch))
         if self.s.decode == "pil" and not self.s.draft:
-            return job, to_uint8(decoded.image, self.s.preprocess), None  # (3, crop, crop)
+            return job, to_uint8(decoded.image, self.s.preprocess), decoded.image, None
         try:  # the model input decoded as the index decoded it
             pixels = model_input(data, self.s.preprocess, self.s.decode, self.s.draft, self.device)
         except BadImage as e:
-            return job, None, f"unreadable at export: {e}"
-        return job, pixels.cpu(), None  # (3, crop, crop)
+            return job, None, None, f"unreadable at export: {e}"
+        return job, pixels.cpu(), decoded.image, None  # (3, crop, crop)
 
-    def _project(
-        self, stack: torch.Tensor, pairs: list[tuple[PlanRow, int]], pool: ThreadPoolExecutor
-    ) -> Iterator[tuple[PlanRow, float]]:
-        """Deconvnet projections of (row, image position) pairs, per layer in passes."""
+    def _render(
+        self,
+        stack: torch.Tensor,
+        originals: list[Image.Image],
+        pairs: list[tuple[PlanRow, int]],
+        pool: ThreadPoolExecutor,
+    ) -> Iterator[tuple[PlanRow, float, float | None]]:
+        """Per layer in passes: each row's map (overlay, mask, recomputed activation) and, for
+        top rows, its deconvnet projection; yields (row, activation, mask fraction)."""
         layers: dict[str, list[tuple[PlanRow, int]]] = {}
         for pair in pairs:
             layers.setdefault(pair[0]["layer"], []).append(pair)
@@ -141,10 +160,38 @@ class Renderer:
                 slot = {position: i for i, position in enumerate(images)}
                 which = torch.tensor([slot[position] for position in positions])  # (R,)
                 units, ys, xs = (torch.tensor([r[k] for r in rows]) for k in ("unit", "y", "x"))
-                proj, acts = project_rows(self.model, layer, x, which, units, ys, xs)
-                proj, acts = proj.cpu(), acts.cpu()  # (R, 3, crop, crop), (R,)
-                list(pool.map(self._write_projection, rows, proj))
-                yield from zip(rows, acts.tolist(), strict=True)
+                maps = unit_maps(self.model, layer, x, which, units)  # (R, H', W')
+                acts = maps[torch.arange(len(rows)), ys, xs].tolist()  # (R,)
+                top = [i for i, row in enumerate(rows) if row["kind"] == "top"]
+                if top:
+                    at = torch.tensor(top)  # (T,)
+                    proj, values = project_rows(
+                        self.model, layer, x, which[at], units[at], ys[at], xs[at]
+                    )  # (T, 3, crop, crop), (T,)
+                    list(pool.map(self._write_projection, [rows[i] for i in top], proj.cpu()))
+                    for i, value in zip(top, values.cpu().tolist(), strict=True):
+                        acts[i] = value  # the deconvnet's forward: as before samples existed
+                pictures = [originals[position] for position in positions]
+                fractions = list(pool.map(self._write_heat, rows, maps, pictures))
+                yield from zip(rows, acts, fractions, strict=True)
+
+    def _write_heat(
+        self, row: PlanRow, activation_map: torch.Tensor, original: Image.Image
+    ) -> float | None:
+        """Write the row's overlay and mask; return the mask's share of the patch (or None)."""
+        if row["overlay_path"] is None:
+            return None
+        patch = cut(original, row["box"])
+        heat = upsample(
+            activation_map, self.s.preprocess.crop, row["input_box"], (patch.height, patch.width)
+        )  # (h, w) fmt: skip
+        self.store.write_bytes(row["overlay_path"], png(overlay(patch, heat, row["heat_scale"])))
+        threshold = row["mask_threshold"]
+        if row["mask_path"] is None or threshold is None:
+            return None
+        region = mask(heat, threshold)  # (h, w)
+        self.store.write_bytes(row["mask_path"], png(mask_image(patch, region)))
+        return float(region.mean())
 
     def _write_projection(self, row: PlanRow, projection: torch.Tensor) -> None:
         if row["projection_path"] is None:

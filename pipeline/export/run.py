@@ -3,22 +3,31 @@
 The driver reads OUT/manifest.json (model, weights, preprocessing, layers: nothing is restated),
 validates the selection, and plans one row per (layer, unit, rank): the receptive-field box of
 (y, x) in model-input pixels (`receptive_field` at the crop size), the same box in original pixels
-(`geometry().to_original`), and the file names of its outputs. Rows are grouped by image and
-packed into tasks, so each image is read and decoded once. A pool of Ray actors (one per GPU, else
-`workers` CPU actors) cuts every patch from the full-resolution oriented original, runs the
-deconvnet for all rows of a task, batched per layer, recomputing each activation on the way, and
-writes the PNGs; a second pass on the same actors composes one grid per unit from those PNGs. The
-driver then writes filters.png, the atlas, export.parquet (schema `schemas/export.v1.json`) and,
-last, export.json: its presence means the export is complete. A new export replaces OUT/export.
+(`geometry().to_original`), and the file names of its outputs. The rows are the index's top-k
+and, where the index has them, its samples (examples across the range) and bottom-K; masks take
+the unit's 0.99 quantile from OUT/stats (`unit_stats`; skipped, with a note in export.json, when
+the index has no statistics). Rows are grouped by image and packed into tasks, so each image is
+read and decoded once. A pool of Ray actors (one per GPU, else `workers` CPU actors) cuts every
+patch from the full-resolution oriented original, runs the model to each layer to recompute each
+activation and draw its map as a heat overlay and a mask (`heat`), runs the deconvnet for the top
+rows, batched per layer, and writes the PNGs; a second pass on the same actors composes one grid
+per unit from the top rows' PNGs. The driver then writes filters.png, the atlas, export.parquet
+(schema `schemas/export.v2.json`) and, last, export.json: its presence means the export is
+complete. A new export replaces OUT/export.
 
 Layout under OUT/export/. File names come from the layer name (made safe), unit, rank and a hash
 of the image id, never from the id itself, so no image id can steer a write:
 
-    patches/<layer>/<unit>/<rank>-<id hash>.png      the box cut from the original, exactly
-    projections/<layer>/<unit>/<rank>-<id hash>.png  the projection in the box, model-input pixels
-    grids/<layer>/<unit>.png                         patches beside projections (see render.grid)
-    filters.png                                      the first convolution's filters
-    atlas/index.html                                 static site, one page per layer
+    patches/<layer>/<unit>/<stem>.png      the box cut from the original, exactly
+    projections/<layer>/<unit>/<stem>.png  the projection in the box, model-input pixels (top)
+    overlays/<layer>/<unit>/<stem>.png     the patch under the unit's map as heat (heat.overlay)
+    masks/<layer>/<unit>/<stem>.png        the map above the unit's 0.99 quantile (heat.mask)
+    grids/<layer>/<unit>.png               top patches beside projections (see render.grid)
+    filters.png                            the first convolution's filters
+    atlas/index.html                       static site, one page per layer and one per unit
+
+where <stem> is <rank>-<id hash> for a top row, sample-<band>-<rank>-<id hash> for a sample and
+bottom-<rank>-<id hash> for a bottom row (`layout.row_files`).
     export.parquet, export.json                      the rows; a summary with the resolved config
 """
 
@@ -26,6 +35,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +49,7 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.export import atlas, render
 from pipeline.export.plan import choose, grid_tasks, pack, plan_rows, preprocess_of, read_manifest
 from pipeline.export.records import Outcome, PlanRow
+from pipeline.export.unit_stats import MASK_PROBABILITY, UnitStats, read_unit_stats
 from pipeline.net.models import load_model
 from pipeline.progress import Progress
 from pipeline.store import versions
@@ -48,6 +59,7 @@ from pipeline.store.layout import (
     EXPORT_SUMMARY,
     EXPORT_TABLE,
     FILTERS,
+    ROW_KINDS,
     safe_name,
 )
 from pipeline.store.schemas import VERSIONS, conform, schema
@@ -78,6 +90,7 @@ class Job:
     model: nn.Module
     settings: render.Settings  # threads filled in once the pool is sized
     rows: list[PlanRow]  # see plan.plan_rows
+    stats: UnitStats  # the chosen units' statistics and mask thresholds
 
 
 def export(
@@ -111,7 +124,8 @@ def export(
     filters = write_filters(target, job.model)
     summary = _summary(target, job, table, filters, units)
     pages = {name: safe_name(name) for name in job.chosen}
-    atlas.write(target, exported, summary, grids, pages, unit_history(out, job, storage_options))
+    history = unit_history(out, job, storage_options)
+    atlas.write(target, exported, summary, grids, pages, history, job.stats, job.manifest)
     target.write_parquet(EXPORT_TABLE, table)
     summary["timings"] = {"total_seconds": round(time.time() - started, 3)}
     target.write_json(EXPORT_SUMMARY, summary)
@@ -145,14 +159,15 @@ def prepare(out: str, layers, units, storage_options: dict | None) -> Job:
             f"the weights {weights!r} changed since {out!r} was indexed (fingerprint "
             f"{loaded.fingerprint[:12]}, indexed {indexed[:12]}); export with the index's weights"
         )
-    rows = plan_rows(store, chosen, loaded.module, pre)
+    stats = read_unit_stats(store, manifest, chosen)
+    rows = plan_rows(store, chosen, loaded.module, pre, manifest, stats)
     settings = render.Settings(
         spec, weights, indexed, pre, f"{store.url}/{EXPORT_DIR}", dict(storage_options or {}),
         manifest["config"]["batch_size"], threads=1,
         decode=manifest["environment"].get("decodes", ["pil"])[0],
         draft=manifest["config"].get("draft", False),
     )  # fmt: skip
-    return Job(manifest, chosen, loaded.module, settings, rows)
+    return Job(manifest, chosen, loaded.module, settings, rows, stats)
 
 
 def run_pool(job: Job, workers: int, progress: Progress) -> tuple[pa.Table, dict]:
@@ -188,10 +203,12 @@ def finish_rows(
             **row,
             "recomputed_activation": value,
             "activation_ok": None if value is None else close(value, row["activation"], rel_tol),
+            "mask_fraction": outcome["mask_fraction"],
             "error": error,
         }
         if error is not None:
-            record["patch_path"] = record["projection_path"] = None
+            for name in ("patch_path", "projection_path", "overlay_path", "mask_path"):
+                record[name] = None
         record.update(zip(("top", "left", "bottom", "right"), row["box"], strict=True))
         inputs = ("input_top", "input_left", "input_bottom", "input_right")
         record.update(zip(inputs, row["input_box"], strict=True))
@@ -221,6 +238,7 @@ def write_filters(target: Store, model: nn.Module) -> str | None:
 
 def _summary(target: Store, job: Job, table: pa.Table, filters: str | None, units) -> dict:
     ok = table["activation_ok"]
+    counts = Counter(table["kind"].to_pylist())
     return {
         "export": target.uri(""),
         "index_run": job.manifest["run"],
@@ -235,6 +253,15 @@ def _summary(target: Store, job: Job, table: pa.Table, filters: str | None, unit
             "errors": table.num_rows - table["error"].null_count,
         },
         "tolerance": {"relative": tolerance(job.manifest), "absolute": ABS_TOL},
+        "kinds": {kind: counts.get(kind, 0) for kind in ROW_KINDS},
+        "projections": "top rows only; samples and bottom rows have patches, overlays and masks",
+        "masks": {
+            "probability": MASK_PROBABILITY,
+            "threshold": "the unit's quantile at this probability (OUT/stats)",
+            "rule": "upsampled activation map > threshold",
+            "written": table.num_rows - table["mask_path"].null_count,
+            "note": job.stats.note,
+        },
         "outputs": {"table": EXPORT_TABLE, "atlas": ATLAS_INDEX, "filters": filters},
         "schemas": {"export": VERSIONS["export"]},
     }

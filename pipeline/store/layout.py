@@ -14,7 +14,8 @@
                                           report.parquet and drift.parquet
     OUT/LATEST, OUT/_LOCK                 the newest complete version; the reindex lock
     <index>/export/...                    the export step: export.parquet, export.json,
-                                          patches/, projections/, grids/, filters.png, atlas/
+                                          patches/, projections/, overlays/, masks/, grids/,
+                                          filters.png, atlas/
 
 Paths are relative to a `Store` (OUT, or one version of it) and use forward slashes. Export file
 names never contain image ids: `safe_name` keeps plainly safe layer names and hashes the rest,
@@ -26,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import re
+from typing import NamedTuple
 
 RUN_FILE = "run.json"
 MANIFEST = "manifest.json"
@@ -111,9 +113,44 @@ def checked(rel: str) -> str:
 
 
 def output_paths(layer: str, unit: int, rank: int, image_id: str) -> tuple[str, str]:
-    """(patch, projection) paths relative to the export folder."""
-    name = f"{safe_name(layer)}/{unit}/{rank}-{image_key(image_id)}.png"
-    return checked(f"patches/{name}"), checked(f"projections/{name}")
+    """(patch, projection) paths of a top row, relative to the export folder."""
+    files = row_files(layer, unit, rank, image_id)
+    return files.patch, files.projection
+
+
+class RowFiles(NamedTuple):
+    """One export row's PNGs, relative to the export folder."""
+
+    patch: str  # the box cut from the original
+    projection: str  # its deconvnet projection
+    overlay: str  # the patch under the unit's activation map as heat
+    mask: str  # the patch with the map's above-threshold region outlined, the rest dimmed
+
+
+ROW_KINDS = ("top", "sample", "bottom")  # export rows: the index, samples/, bottom/
+
+
+def row_files(
+    layer: str, unit: int, rank: int, image_id: str, kind: str = "top", band: str | None = None
+) -> RowFiles:
+    """The PNGs of one export row: <folder>/<layer>/<unit>/<stem>.png for each of patches,
+    projections, overlays and masks; the stem is `<rank>-<id hash>` for a top row,
+    `sample-<band>-<rank>-<id hash>` for a sample, `bottom-<rank>-<id hash>` for the bottom."""
+    stems = {
+        "top": f"{rank}-{image_key(image_id)}",
+        "sample": f"sample-{safe_name(band or '')}-{rank}-{image_key(image_id)}",
+        "bottom": f"bottom-{rank}-{image_key(image_id)}",
+    }
+    if kind not in stems:
+        raise ValueError(f"unknown export row kind {kind!r}; known: {', '.join(ROW_KINDS)}")
+    name = f"{safe_name(layer)}/{unit}/{stems[kind]}.png"
+    folders = ("patches", "projections", "overlays", "masks")
+    return RowFiles(*(checked(f"{folder}/{name}") for folder in folders))
+
+
+def unit_page(page: str, unit: int) -> str:
+    """atlas/unit-<layer page>-<unit>.html: one unit's page (`page` is the layer's safe name)."""
+    return checked(f"atlas/unit-{page}-{unit}.html")
 
 
 def grid_path(layer: str, unit: int) -> str:

@@ -22,7 +22,7 @@ VERSIONS = {
     "partial": 1,
     "images": 2,
     "errors": 1,
-    "export": 1,
+    "export": 2,
     "stats": 1,
     "stats_state": 1,
     "phash": 1,

@@ -1,8 +1,10 @@
 """The atlas, statically and in a real headless Chromium, from file:// and from a 127.0.0.1 server.
 
-The export comes from the real pipeline (tiny model, originals with hostile ids such as
-`files/<script>window.pwned=1;</script>.png`). A browser test fails on any console error or page
-error, on an image that does not load once scrolled into view, and if any id's HTML ran.
+The export comes from the real pipeline (tiny model with statistics, samples and a bottom-2,
+originals with hostile ids such as `files/<script>window.pwned=1;</script>.png`). A browser test
+fails on any console error or page error, on an image that does not load once scrolled into view,
+and if any id's HTML ran. Unit pages must show the histogram, the overlays and masks, the samples
+by band and the bottom, with images that load.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def site(tmp_path_factory) -> Path:
     out = root / "out"
     cfg = IndexConfig(
         model="tiny_models:tiny", data=str(data), layers=LAYERS, out=str(out),
-        workers=2, batch_size=4, shard_size=6,
+        workers=2, batch_size=4, shard_size=6, bottom=2,
     )  # fmt: skip
     index(cfg, Progress(quiet=True))
     export(str(out), progress=Progress(quiet=True))
@@ -70,13 +72,17 @@ class Page(HTMLParser):
         self.text.append(data)
 
 
+UNITS = {"conv2": 6, "fc": 5}
+
+
 def pages(site: Path) -> list[Path]:
     return sorted((site / "atlas").glob("*.html"))
 
 
-def test_one_page_per_layer_and_every_link_resolves_inside_the_export(site):
+def test_one_page_per_layer_and_unit_and_every_link_resolves_inside_the_export(site):
     names = [p.name for p in pages(site)]
-    assert names == ["index.html", "layer-conv2.html", "layer-fc.html"]
+    units = [f"unit-{layer}-{u}.html" for layer, count in UNITS.items() for u in range(count)]
+    assert names == sorted(["index.html", "layer-conv2.html", "layer-fc.html", *units])
     for page_path in pages(site):
         page = Page(page_path)
         for _, attrs in page.tags:
@@ -106,6 +112,21 @@ def test_hostile_image_ids_are_text(site):
     text = "".join("".join(Page(p).text) for p in pages(site))
     for image_id in (SCRIPT_ID, ONERROR_ID):
         assert html.escape(image_id) in source and image_id in text
+    units = [p for p in pages(site) if p.name.startswith("unit-")]
+    on_units = "".join("".join(Page(p).text) for p in units)
+    assert SCRIPT_ID in on_units or ONERROR_ID in on_units  # unit pages escape them too
+
+
+def test_a_unit_page_has_stats_histogram_overlays_masks_samples_and_bottom(site):
+    page = Page(site / "atlas" / "unit-conv2-0.html")
+    text = "".join(page.text)
+    assert {"stats", "top", "samples", "bottom"} <= page.ids
+    assert "fire rate" in text and "mean" in text and "p99" in text and "Band p50" in text
+    tags = [tag for tag, _ in page.tags]
+    assert tags.count("svg") == 1 and tags.count("rect") >= 1
+    classes = [attrs.get("class") for tag, attrs in page.tags if tag == "img"]
+    assert classes.count("patch") == classes.count("overlay") == classes.count("mask") > 9
+    assert classes.count("grid") == 1
 
 
 @pytest.fixture(scope="module")
@@ -162,15 +183,41 @@ def visit(browser, url: str) -> list[str]:
         page.get_by_role("link", name=layer, exact=True).click()
         assert page.locator("h1").inner_text() == f"Layer {layer}"
         grids = page.locator("img.grid")
-        assert grids.count() == {"conv2": 6, "fc": 5}[layer]
+        assert grids.count() == UNITS[layer]
         for i in range(grids.count()):
             loaded(page, grids.nth(i))
         shown = page.locator("td.id bdi").all_inner_texts()
         assert SCRIPT_ID in shown or ONERROR_ID in shown
         assert page.evaluate("window.pwned") is None
         assert page.locator("script").count() == 0 and page.locator("img[src=x]").count() == 0
+    page.goto(url + "atlas/layer-conv2.html")
+    page.locator("a.unit-page").first.click()
+    visit_unit(page)
     page.close()
     return problems
+
+
+def visit_unit(page) -> None:
+    """A unit page shows its histogram, and its overlays, masks, samples and bottom load."""
+    assert page.locator("h1").inner_text() == "Layer conv2, unit 0"
+    assert "fire rate" in page.locator("p.stats").inner_text()
+    histogram = page.locator("svg.histogram")
+    histogram.scroll_into_view_if_needed()
+    box = histogram.bounding_box()
+    assert box is not None and box["width"] > 100 and box["height"] > 50
+    assert page.locator("svg.histogram rect").count() >= 1
+    bars = page.locator("svg.histogram rect").evaluate_all(
+        "rects => rects.filter(r => r.getBBox().height > 0).length"
+    )
+    assert bars >= 1
+    for where in ("#top img.overlay", "#top img.mask", "#samples img", "#bottom img"):
+        images = page.locator(where)
+        assert images.count() > 0, where
+        for i in range(images.count()):
+            loaded(page, images.nth(i))
+    assert page.locator("#samples h3").count() >= 1
+    assert page.locator("#bottom figure").count() == 2
+    assert page.evaluate("window.pwned") is None and page.locator("script").count() == 0
 
 
 def test_atlas_from_file_url(site, browser):

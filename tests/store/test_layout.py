@@ -20,7 +20,9 @@ from pipeline.store.layout import (
     partial_commit,
     partial_folder,
     partial_table,
+    row_files,
     safe_name,
+    unit_page,
     version_folder,
 )
 
@@ -134,3 +136,34 @@ def test_output_paths_are_always_safe(layer, unit, rank, image_id):
         file = f"{rank}-{image_key(image_id)}.png"
         assert rel.split("/") == [top, safe_name(layer), str(unit), file]
     assert SAFE_PATH.fullmatch(grid_path(layer, unit))
+
+
+def test_row_files_by_kind():
+    key = sha("a.jpg")[:16]
+    top = row_files("conv1", 3, 2, "a.jpg")
+    assert top == (
+        f"patches/conv1/3/2-{key}.png", f"projections/conv1/3/2-{key}.png",
+        f"overlays/conv1/3/2-{key}.png", f"masks/conv1/3/2-{key}.png",
+    )  # fmt: skip
+    assert (top.patch, top.projection) == output_paths("conv1", 3, 2, "a.jpg")
+    sample = row_files("conv1", 3, 2, "a.jpg", "sample", "p99.9")
+    assert sample.overlay == f"overlays/conv1/3/sample-p99.9-2-{key}.png"
+    hostile = row_files("conv1", 3, 2, "a.jpg", "sample", "../<b>")
+    assert hostile.mask == f"masks/conv1/3/sample-b-{sha('../<b>')[:12]}-2-{key}.png"
+    assert (
+        row_files("conv1", 3, 1, "a.jpg", "bottom").patch == f"patches/conv1/3/bottom-1-{key}.png"
+    )
+    with pytest.raises(ValueError, match=r"unknown export row kind 'middle'; known: top, sample"):
+        row_files("conv1", 3, 1, "a.jpg", "middle")
+    assert unit_page("layer4.1", 7) == "atlas/unit-layer4.1-7.html"
+
+
+@given(st.text(max_size=30), st.integers(0, 10**6), st.integers(1, 99), st.text(max_size=30),
+       st.sampled_from(["top", "sample", "bottom"]), st.text(max_size=20))  # fmt: skip
+def test_row_files_are_always_safe_and_distinct_by_kind(layer, unit, rank, image_id, kind, band):
+    files = row_files(layer, unit, rank, image_id, kind, band)
+    assert all(SAFE_PATH.fullmatch(path) for path in files)
+    others = {
+        k: row_files(layer, unit, rank, image_id, k, band) for k in ("top", "sample", "bottom")
+    }
+    assert len({f.patch for f in others.values()}) == 3
