@@ -115,21 +115,21 @@ def select(rows: pa.Table, limit: int, per_band: int, by: str) -> pa.Table:
     rows = rows.filter(pc.less(rows["priority"], limit))
     if rows.num_rows == 0:
         return empty("samples")
-    rows = rows.sort_by(
-        [("layer", "ascending"), ("unit", "ascending"), ("activation", "ascending"),
-         ("image_id", "ascending")]
-    )  # fmt: skip
-    layer = rows["layer"].to_numpy(zero_copy_only=False)
-    unit = rows["unit"].to_numpy()
+    by_layer, by_image = _codes(rows["layer"]), _codes(rows["image_id"])  # order-keeping ints
+    units = rows["unit"].to_numpy()
+    order_rows = np.lexsort((by_image, rows["activation"].to_numpy(), units, by_layer))  # last 1st
+    # from here on every array is in that order (layer, unit, activation, image_id); only the
+    # chosen rows are taken from the table, at the end
+    layer, unit = by_layer[order_rows], units[order_rows]
     start = np.ones(len(unit), dtype=bool)
     start[1:] = (unit[1:] != unit[:-1]) | (layer[1:] != layer[:-1])
     first = np.flatnonzero(start)
     group = np.cumsum(start) - 1  # (N,) which (layer, unit)
     size = np.diff([*first, len(unit)])[group]  # (N,) images of S for the unit
     rank = (np.arange(len(unit)) - first[group] + 0.5) / size  # (N,) mid-rank in [0, 1]
-    prio = rows["priority"].to_numpy()
-    image = _codes(rows["image_id"])  # (N,) ordered like image_id: the tie-break
-    ident = image if by == "image_id" else _codes(rows[by])  # (N,) one code per picture
+    prio = rows["priority"].to_numpy()[order_rows]
+    image = by_image[order_rows]  # (N,) ordered like image_id: the tie-break
+    ident = image if by == "image_id" else _codes(rows[by])[order_rows]  # (N,) one per picture
     picked, bands = [], []
     for b, (_, lo, hi) in enumerate(BANDS):
         inside = np.flatnonzero((rank >= lo) & (rank <= hi))
@@ -142,7 +142,7 @@ def select(rows: pa.Table, limit: int, per_band: int, by: str) -> pa.Table:
         bands.append(np.full(int(keep.sum()), b))
     chosen, band = np.concatenate(picked), np.concatenate(bands)
     order = np.lexsort((image[chosen], prio[chosen], band, group[chosen]))
-    out = rows.take(pa.array(chosen[order], pa.int64()))
+    out = rows.take(pa.array(order_rows[chosen[order]], pa.int64()))
     names = pa.array([BANDS[b][0] for b in band[order]], pa.string())
     out = out.select(["layer", "unit", "activation", "image_id", "image_hash", "y", "x"])
     return conform(out.add_column(2, "band", names), "samples")
