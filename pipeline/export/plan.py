@@ -22,7 +22,7 @@ from pipeline.config import Preprocess
 from pipeline.dataset.preprocess import geometry
 from pipeline.errors import ConfigError, DataError
 from pipeline.export.records import ImageJob, PlanRow, UnitGrid
-from pipeline.export.unit_stats import UnitStats
+from pipeline.export.unit_stats import UnitStats, read_units
 from pipeline.net.receptive_field import receptive_field
 from pipeline.store.layout import (
     BOTTOM_DIR,
@@ -173,14 +173,7 @@ OUTPUT_KEYS = {"sample": "samples", "bottom": "bottom"}  # manifest.json outputs
 def _kind_rows(store: Store, path: str, units: list[int], kind: str) -> list[dict]:
     """One file's rows of `units`, marked with `kind`; samples ranked within (unit, band) in
     the file's order (lowest priority first), as samples.v1 sorts them."""
-    if not store.exists(path):
-        raise DataError(
-            f"the index at {store.url!r} lists {path} but it is missing; the index is "
-            f"incomplete: rerun `ninebest index` with the same --out to finish it"
-        )
-    table = store.read_parquet(path)
-    table = table.filter(pc.is_in(table["unit"], pa.array(units, pa.int32())))
-    rows = table.to_pylist()
+    rows = read_units(store, path, units).to_pylist()
     seen: dict[tuple[int, str], int] = {}
     for row in rows:
         row["kind"] = kind

@@ -66,17 +66,22 @@ def read_unit_stats(store: Store, manifest: dict, chosen: dict[str, list[int]]) 
         )
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     for layer, units in chosen.items():
-        path = layer_file(STATS_DIR, layer)
-        if not store.exists(path):
-            raise DataError(
-                f"the index at {store.url!r} lists statistics but has no {path}; it is "
-                f"incomplete: rerun `ninebest index` with the same --out to finish it"
-            )
-        table = store.read_parquet(path)
-        table = table.filter(pc.is_in(table["unit"], pa.array(units, pa.int32())))
+        table = read_units(store, layer_file(STATS_DIR, layer), units)
         rows.update(((layer, row["unit"]), row) for row in table.to_pylist())
     return UnitStats(
         rows=rows, probabilities=probabilities,
         edges=tuple(float(e) for e in section.get("histogram_edges", ())),
         rank_error=section.get("rank_error"), mask_at=found[0] if found else None, note=note,
     )  # fmt: skip
+
+
+def read_units(store: Store, path: str, units: list[int]) -> pa.Table:
+    """The rows of `units` in one per-layer file the manifest lists (index, stats, samples,
+    bottom); a listed file that is missing means an unfinished index, and says so."""
+    if not store.exists(path):
+        raise DataError(
+            f"the index at {store.url!r} lists {path} but it is missing; the index is "
+            f"incomplete: rerun `ninebest index` with the same --out to finish it"
+        )
+    table = store.read_parquet(path)
+    return table.filter(pc.is_in(table["unit"], pa.array(units, pa.int32())))

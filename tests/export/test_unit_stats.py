@@ -59,5 +59,7 @@ def test_statistics_without_a_0_99_quantile(tmp_path):
 
 
 def test_listed_statistics_that_are_missing_are_an_error(tmp_path):
-    with pytest.raises(DataError, match=r"no stats/fc\.parquet.*rerun `ninebest index`"):
+    with pytest.raises(
+        DataError, match=r"lists stats/fc\.parquet but it is missing.*rerun `ninebest index`"
+    ):
         read_unit_stats(Store(str(tmp_path)), manifest(), {"fc": [0]})

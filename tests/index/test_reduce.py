@@ -4,7 +4,6 @@ equals a plain merge of everything and a pandas sort, for any order, grouping an
 from __future__ import annotations
 
 import io
-import zlib
 
 import numpy as np
 import pandas as pd
@@ -28,8 +27,9 @@ from pipeline.index.reduce import (
 )
 from pipeline.index.topk import RunningTopK, merge
 from pipeline.store import partials
-from pipeline.store.schemas import conform, schema
+from pipeline.store.schemas import conform
 from pipeline.store.storage import Store
+from random_partials import random_partials
 
 
 def topk_table(ids: list[str], values: list[float]) -> pa.Table:
@@ -99,43 +99,6 @@ def test_reduce_equals_merge_and_counts_errors(store):
 
 
 # The streaming reducer against oracles: a plain merge of everything at once, and pandas.
-
-LAYERS = {"conv1": 3, "fc": 5, "block.2": 1}  # several layers, different unit counts
-
-
-def random_partials(seed: int, shards: int, depth: int, levels: int) -> list[pa.Table]:
-    """Partials as workers write them: per unit up to `depth` distinct images ranked by
-    (activation desc, image_id asc); few activation levels (exact ties); images recur across
-    partials (a re-run or derived shard) with the same y, x; some units have no or few rows."""
-    rng = np.random.default_rng(seed)
-    images = [f"img/{i:03d}" for i in range(4 * depth + 4)]
-    parts = []
-    for _ in range(shards):
-        rows = []
-        for layer, units in LAYERS.items():
-            for unit in range(units):
-                n = int(rng.integers(0, depth + 1))
-                ids = rng.choice(images, size=n, replace=False)
-                values = rng.integers(0, levels, size=n).astype(np.float32) / 2
-                ranked = sorted(
-                    zip(values.tolist(), ids.tolist(), strict=True), key=lambda r: (-r[0], r[1])
-                )
-                for rank, (value, image) in enumerate(ranked, start=1):
-                    where = zlib.crc32(f"{image}{layer}{unit}".encode())
-                    rows.append(
-                        (layer, unit, rank, value, image, f"h-{image}", where % 7, where % 5)
-                    )
-        columns = list(zip(*rows, strict=True)) if rows else [[]] * 8
-        parts.append(
-            conform(
-                pa.table(
-                    dict(zip(schema("partial").names, columns, strict=True)),
-                    schema=schema("partial"),
-                ),
-                "partial",
-            )
-        )
-    return parts
 
 
 def as_read(table: pa.Table, row_group: int) -> pa.Table:

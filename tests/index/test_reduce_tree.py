@@ -34,37 +34,9 @@ from pipeline.progress import Progress
 from pipeline.store import partials
 from pipeline.store.schemas import conform, schema
 from pipeline.store.storage import Store
+from random_partials import LAYERS, random_partials
 
 pytestmark = pytest.mark.usefixtures("ray_local")
-
-LAYERS = {"conv1": 3, "fc": 5, "block.2": 1}
-
-
-def random_partials(seed: int, shards: int, depth: int, levels: int, contents: int) -> list:
-    """Partials like the map's: per unit up to `depth` distinct images, ranked; few activation
-    levels (exact ties); images recur across partials (with one y, x and hash each); only
-    `contents` content hashes, so different images share a hash within and across partials."""
-    rng = np.random.default_rng(seed)
-    images = [f"img/{i:03d}" for i in range(4 * depth + 4)]
-    parts = []
-    for _ in range(shards):
-        rows = []
-        for layer, units in LAYERS.items():
-            for unit in range(units):
-                n = int(rng.integers(0, depth + 1))
-                ids = rng.choice(images, size=n, replace=False)
-                values = rng.integers(0, levels, size=n).astype(np.float32) / 2
-                ranked = sorted(
-                    zip(values.tolist(), ids.tolist(), strict=True), key=lambda r: (-r[0], r[1])
-                )
-                for rank, (value, image) in enumerate(ranked, start=1):
-                    where = zlib.crc32(f"{image}{layer}{unit}".encode())
-                    content = f"c{zlib.crc32(image.encode()) % contents}"
-                    rows.append((layer, unit, rank, value, image, content, where % 7, where % 5))
-        columns = list(zip(*rows, strict=True)) if rows else [[]] * 8
-        table = pa.table(dict(zip(schema("partial").names, columns, strict=True)))
-        parts.append(conform(table.cast(schema("partial")), "partial"))
-    return parts
 
 
 def oracle(parts: list[pa.Table], k: int, by: str) -> pd.DataFrame:
