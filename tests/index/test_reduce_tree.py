@@ -226,6 +226,9 @@ def test_an_index_run_reduces_on_tasks_once_the_map_actors_are_gone(photos, tmp_
         layers=("conv2", "fc"), batch_size=8, shard_size=24, decode_threads=1, workers=2,
         stats=False,
     )  # fmt: skip
+    # the module's earlier tests ran tasks on this instance: start from a cluster holding nothing
+    # (the run compares with what is held when it starts, as other jobs may hold resources)
+    assert tasks.wait_released({"CPU": 0.0, "GPU": 0.0}, timeout=60) is not None
     manifest = index(cfg, Progress(quiet=True))
     assert seen and seen[0] == {"CPU": 0.0, "GPU": 0.0}
     reduce = manifest["reduce"]

@@ -144,7 +144,7 @@ def test_lock_refuses_a_second_run_until_it_expires(data, tmp_path):
 
     summary = export(str(out), layers=("fc",), units=(0,), progress=QUIET)  # follows LATEST
     export_dir = out / "versions" / report["run_id"] / "export"
-    assert (export_dir / "export.json").exists() and summary["counts"]["rows"] == 3
+    assert (export_dir / "export.json").exists() and summary["kinds"]["top"] == 3  # k = 3
     page = (export_dir / "atlas" / "layer-fc.html").read_text()
     assert "History across versions" in page  # the Fig. 4 view: one row per version
     assert all(f"<code>{v.name}</code>" in page for v in (out / "versions").iterdir())
