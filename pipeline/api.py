@@ -20,7 +20,6 @@ the valid options and the fix. HTML from `_repr_html_` escapes every string.
 from __future__ import annotations
 
 import base64
-import html
 import io
 import math
 import numbers
@@ -39,6 +38,7 @@ from pipeline.dataset.decode import BadImage, decode
 from pipeline.dataset.preprocess import geometry
 from pipeline.errors import ConfigError, DataError, InputNotFoundError
 from pipeline.export import render
+from pipeline.export.page import text
 from pipeline.export.plan import choose, preprocess_of, read_manifest
 from pipeline.net.models import load_model
 from pipeline.net.receptive_field import ReceptiveField, receptive_field
@@ -197,10 +197,10 @@ class Run:
         model = self.manifest["model"]
         layers = [[name, units] for name, units in self.layers.items()]
         return (
-            f"<div><b>ninebest run</b> {_e(self.store.uri(''))}<br>"
-            f"model {_e(model['spec'])}, weights {_e(model.get('weights') or 'seeded init')}, "
-            f"{_e(counts.get('indexed', '?'))} images indexed, "
-            f"k = {_e(self.manifest['config']['k'])}; outputs: {_e(', '.join(outputs))}"
+            f"<div><b>ninebest run</b> {text(self.store.uri(''))}<br>"
+            f"model {text(model['spec'])}, weights {text(model.get('weights') or 'seeded init')}, "
+            f"{text(counts.get('indexed', '?'))} images indexed, "
+            f"k = {text(self.manifest['config']['k'])}; outputs: {text(', '.join(outputs))}"
             f"{_table(['layer', 'units'], layers)}</div>"
         )
 
@@ -222,9 +222,9 @@ class UnitView:
         top = self.run.top(self.layer, self.unit)
         rows = top[TOP_COLUMNS].itertuples(index=False)
         return (
-            f"<div><b>{_e(self.layer)}</b> unit {_e(self.unit)}<br>"
-            f'<img src="data:image/png;base64,{image}" alt="grid of {_e(self.layer)} unit '
-            f'{_e(self.unit)}"><br>{_e(self.stats_line())}{_table(TOP_COLUMNS, rows)}</div>'
+            f"<div><b>{text(self.layer)}</b> unit {text(self.unit)}<br>"
+            f'<img src="data:image/png;base64,{image}" alt="grid of {text(self.layer)} unit '
+            f'{text(self.unit)}"><br>{text(self.stats_line())}{_table(TOP_COLUMNS, rows)}</div>'
         )
 
     def stats_line(self) -> str:
@@ -308,11 +308,7 @@ def _png(data: bytes) -> Image.Image:
     return image
 
 
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
 def _table(columns: list[str], rows: Iterable[Iterable[Any]]) -> str:
-    head = "".join(f"<th>{_e(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in row) + "</tr>" for row in rows)
+    head = "".join(f"<th>{text(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{text(v)}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

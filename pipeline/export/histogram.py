@@ -13,19 +13,16 @@ the bin holding the value.
 from __future__ import annotations
 
 import bisect
-import html
 import math
 from collections.abc import Mapping, Sequence
+
+from pipeline.export.page import text
 
 WIDTH, HEIGHT = 480, 140  # the picture, in CSS pixels
 AXIS = 16  # below the bars: the range's labels
 TOP = 14  # above the bars: the marks' labels
 BAR = "#4a78b5"
 MARK = "#c0392b"
-
-
-def _text(value: object) -> str:
-    return html.escape(str(value), quote=True)
 
 
 def bin_range(edges: Sequence[float], i: int) -> str:
@@ -58,7 +55,7 @@ def svg(
         x, y = (i - first) * bar, TOP + plot - height
         parts.append(
             f'<rect x="{x:.2f}" y="{y:.2f}" width="{max(bar - 0.5, 0.5):.2f}" '
-            f'height="{height:.2f}" fill="{BAR}"><title>{_text(bin_range(edges, i))}: '
+            f'height="{height:.2f}" fill="{BAR}"><title>{text(bin_range(edges, i))}: '
             f"{counts[i]} images</title></rect>\n"
         )
     for label, value in (marks or {}).items():
@@ -69,12 +66,12 @@ def svg(
         parts.append(
             f'<line x1="{x:.2f}" y1="{TOP}" x2="{x:.2f}" y2="{TOP + plot}" stroke="{MARK}" '
             f'stroke-width="1"/><text x="{x:.2f}" y="{TOP - 3}" font-size="10" '
-            f'text-anchor="middle" fill="{MARK}">{_text(label)}</text>\n'
+            f'text-anchor="middle" fill="{MARK}">{text(label)}</text>\n'
         )
     base = HEIGHT - 4
     parts.append(
-        f'<text x="0" y="{base}" font-size="10">{_text(bin_range(edges, first))}</text>\n'
+        f'<text x="0" y="{base}" font-size="10">{text(bin_range(edges, first))}</text>\n'
         f'<text x="{WIDTH}" y="{base}" font-size="10" text-anchor="end">'
-        f"{_text(bin_range(edges, last))}</text>\n</svg>\n"
+        f"{text(bin_range(edges, last))}</text>\n</svg>\n"
     )
     return "".join(parts)
