@@ -27,10 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.dataset.refs import ImageRef, kind_of
-from pipeline.dataset.walk import check_utf8, stamp, walk_folder
+from pipeline.dataset.walk import check_utf8, stamp, uri_of, walk_folder, without_sidecars
 from pipeline.errors import DataError, InputNotFoundError
 
 MANIFEST_SUFFIXES = (".txt", ".parquet")
@@ -42,13 +41,13 @@ def list_images(data: str, storage_options: dict | None = None) -> list[ImageRef
     options = storage_options or {}
     fs, path = fsspec.core.url_to_fs(data, **options)
     if not fs.exists(path) and PATTERN.search(path):
-        refs = _without_sidecars(_list_pattern(fs, path, options))
+        refs = without_sidecars(_list_pattern(fs, path, options))
         if not refs:
             raise InputNotFoundError(f"--data pattern {data!r} matches no images or containers")
     elif not fs.exists(path):
         raise InputNotFoundError(f"--data {data!r} does not exist; pass a folder, URL or manifest")
     elif fs.isdir(path):
-        refs = list(walk_folder(fs, path))  # sorted, sidecars dropped
+        return list(walk_folder(fs, path))  # sorted, sidecars dropped, ids checked
     elif path.endswith(".parquet") and not _is_manifest(fs, path, data):
         refs = [_entry(fs, path, posixpath.basename(path), fs.info(path))]
     elif path.endswith(MANIFEST_SUFFIXES):
@@ -79,13 +78,7 @@ def stream_images(data: str, storage_options: dict | None = None) -> Iterator[Im
 
 def _entry(fs: fsspec.AbstractFileSystem, path: str, image_id: str, info: dict) -> ImageRef:
     kind = kind_of(path) or "image"
-    return ImageRef(image_id, _uri(fs, path), info.get("size"), stamp(info), kind)
-
-
-def _without_sidecars(refs: list[ImageRef]) -> list[ImageRef]:
-    """Drop `x.parquet` beside `x.tar`: img2dataset's per-shard metadata, not image bytes."""
-    tars = {ref.uri.removesuffix(".tar") for ref in refs if ref.kind == "tar"}
-    return [r for r in refs if not (r.kind == "parquet" and r.uri[: -len(".parquet")] in tars)]
+    return ImageRef(image_id, uri_of(fs, path), info.get("size"), stamp(info), kind)
 
 
 def _list_pattern(fs: fsspec.AbstractFileSystem, pattern: str, options: dict) -> list[ImageRef]:
@@ -105,7 +98,7 @@ def _list_pattern(fs: fsspec.AbstractFileSystem, pattern: str, options: dict) ->
                 if info.get("type") == "file" and kind_of(path):
                     refs[path] = _entry(fs, path, posixpath.relpath(path, base), info)
         elif kind := kind_of(name):
-            refs[name] = ImageRef(posixpath.relpath(name, base), _uri(fs, name), kind=kind)
+            refs[name] = ImageRef(posixpath.relpath(name, base), uri_of(fs, name), kind=kind)
     listed = [ref for ref in refs.values() if ref.size is not None]
     return listed + _stat([ref for ref in refs.values() if ref.size is None], options)
 
@@ -153,10 +146,6 @@ def _is_manifest(fs: fsspec.AbstractFileSystem, path: str, data: str) -> bool:
             "images) or one column of image bytes (a dataset file)"
         ) from None
     return False
-
-
-def _uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
 
 def _read_manifest(fs: fsspec.AbstractFileSystem, path: str, data: str) -> list[ImageRef]:
@@ -209,4 +198,4 @@ def _resolve(fs: fsspec.AbstractFileSystem, base: str, uri: str) -> str:
     """Manifest entries may be absolute, URLs, or relative to the manifest's folder."""
     if "://" in uri or uri.startswith("/"):
         return uri
-    return _uri(fs, posixpath.join(base, uri))
+    return uri_of(fs, posixpath.join(base, uri))

@@ -58,16 +58,24 @@ def _children(fs: fsspec.AbstractFileSystem, path: str, root: str) -> list[str |
             if name != path:  # some stores list a directory inside itself
                 keyed.append((posixpath.relpath(name, root) + "/", name))
         elif info.get("type") == "file" and (kind := kind_of(name)):
-            uri = name if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(name)
-            ref = ImageRef(posixpath.relpath(name, root), uri, info.get("size"), stamp(info), kind)
-            files.append(ref)
-    tars = {ref.uri.removesuffix(".tar") for ref in files if ref.kind == "tar"}
-    for ref in files:
-        if not (ref.kind == "parquet" and ref.uri[: -len(".parquet")] in tars):
-            check_utf8(ref.image_id)
-            keyed.append((ref.image_id, ref))
+            rel = posixpath.relpath(name, root)
+            files.append(ImageRef(rel, uri_of(fs, name), info.get("size"), stamp(info), kind))
+    for ref in without_sidecars(files):
+        check_utf8(ref.image_id)
+        keyed.append((ref.image_id, ref))
     keyed.sort(key=lambda pair: pair[0])
     return [entry for _, entry in keyed]
+
+
+def uri_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A listed path as a URI: plain on local disk, with its protocol elsewhere."""
+    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+
+
+def without_sidecars(refs: list[ImageRef]) -> list[ImageRef]:
+    """Drop `x.parquet` beside `x.tar`: img2dataset's per-shard metadata, not image bytes."""
+    tars = {ref.uri.removesuffix(".tar") for ref in refs if ref.kind == "tar"}
+    return [r for r in refs if not (r.kind == "parquet" and r.uri[: -len(".parquet")] in tars)]
 
 
 def stamp(info: dict) -> str | None:

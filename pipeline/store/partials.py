@@ -119,23 +119,16 @@ def read_commits(
     found: dict[str, CommitRecord | None] = dict.fromkeys(shard_keys)
     present = [key for key in shard_keys if key in listed]
     with ThreadPoolExecutor(max_workers=COMMIT_READERS) as readers:
-        records = readers.map(lambda key: _own_commit(store, key, run_fingerprint), present)
+        records = readers.map(lambda key: read_commit(store, key, run_fingerprint), present)
         found.update(zip(present, records, strict=True))
     return found
 
 
 def read_commit(store: Store, shard_key: str, run_fingerprint: str) -> CommitRecord | None:
     """The shard's commit record if it belongs to this run, else None (the shard must be run)."""
-    if not store.exists(partial_commit(shard_key)):
-        return None
-    return _own_commit(store, shard_key, run_fingerprint)
-
-
-def _own_commit(store: Store, shard_key: str, run_fingerprint: str) -> CommitRecord | None:
-    """The shard's (existing) commit record if this run wrote it, else None."""
     try:
         record = store.read_json(partial_commit(shard_key))
-    except FileNotFoundError:  # removed since it was listed
+    except FileNotFoundError:  # never committed, or removed since it was listed
         return None
     if record.get("run") != run_fingerprint or record.get("shard") != shard_key:
         return None
